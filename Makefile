@@ -1,0 +1,39 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   installs what is missing, generates the demo data, trains launch/specs/demo.yaml with DeepSpeed
+#   make test   installs the test extras if missing, runs the whole test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without GPUs DeepSpeed runs on the CPU (gloo) with 2 ranks; with GPUs it uses all of them.
+GPUS := $(shell nvidia-smi -L 2>/dev/null | wc -l)
+ifeq ($(GPUS),0)
+  DS_ENV := DS_ACCELERATOR=cpu
+  NUM_GPUS := 2
+else
+  DS_ENV :=
+  NUM_GPUS := $(GPUS)
+endif
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install install-test: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH $(DS_ENV) $(BIN)/deepspeed --num_gpus $(NUM_GPUS) launch/train.py \
+	  --deepspeed_config ds_configs/zero2.json --spec launch/specs/demo.yaml $(ARGS)
+
+test: $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs demo_data .pytest_cache

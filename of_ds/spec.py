@@ -109,6 +109,9 @@ class DatasetSpec(_Section):
     min_image_bytes: int = Field(10_000, ge=0, description="Images of at most this many bytes are skipped (the original's 10 KB floor).")
     single_image_drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="Drop single-image documents with this probability.")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (the original flips per batch/doc).")
+    decode_draft: bool = Field(
+        True, description="Decode large JPEGs at reduced size (PIL draft, >= 2x the output side); false: the exact open_clip transform."
+    )
 
     def effective_max_tokens(self) -> int:
         return self.max_tokens or (32 if self.kind == "laion" else 256)
@@ -148,6 +151,12 @@ class EngineSpec(_Section):
     dist_backend: Optional[str] = Field(None, description="nccl on GPUs, gloo on CPU when null.")
     dist_url: str = "env://"
     set_device_rank: bool = Field(True, description="Use cuda:<local_rank> (false: cuda:0, the original's --no-set-device-rank).")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="Timeout of one collective (init_distributed/init_process_group timeout)."
+    )
+    heartbeat_timeout_s: float = Field(
+        30.0, ge=0, description="Exit, naming the rank, when a rank's heartbeat stops this long (0: no watchdog)."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoint

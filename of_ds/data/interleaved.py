@@ -1,0 +1,231 @@
+"""Interleaved documents (MMC4 and ChatGPT-generated): raw tar sample -> `Document` -> `[B, T, 3, H, W]` batches.
+
+`prepare_document` runs before the shuffle buffer and keeps only what a batch needs (the text with its `<image>`
+markers and the bytes of the images it references, in text order), so the buffer never holds base64 JSON.
+It reads both shard layouts: the original's (`image_info[i].image_base64`) and the converter's
+(`image_info[i].member` = "000.jpg" naming the tar member `KEY.000.jpg`; `missing` marks absent images).
+
+MMC4 follows the original main branch (reference section 2.2), with its order bug B1 fixed: image-sentence
+pairs are sorted by sentence before keeping `max_images`, so the k-th `<image>` token is the k-th image.
+ChatGPT documents (`is_gpt`) follow section 2.3 without the off-by-one B9 (all `max_images` images are kept).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import random
+import re
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..model.labels import build_labels
+from .drops import DropCounter, DropSample
+from .images import ImageTransform, open_image
+from .tokens import EOC, MEDIA, TokenInfo
+
+_GPT_PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+
+
+class Document(NamedTuple):
+    key: str
+    text: str  # with <image> / <|endofchunk|> markers and the final <|endofchunk|>{eos}
+    images: list[bytes]  # the image of the k-th <image> marker at position k
+
+
+class DocumentRules(NamedTuple):
+    """The dataset spec's interleaved filters."""
+
+    kind: str
+    max_images: int
+    min_images: int
+    sim_threshold: float
+    min_image_bytes: int
+    single_image_drop_prob: float
+    flip_prob: float
+    max_tokens: int
+
+
+def wants_member(ext: str) -> bool:
+    """The tar members an interleaved sample needs: the JSON and converter image members (`000.jpg`)."""
+    return ext == "json" or ext[:1].isdigit()
+
+
+def prepare_document(sample: dict, rules: DocumentRules, eos_token: str, counter: DropCounter) -> Document:
+    """Parse, validate and select: one `Document` or DropSample (reason). Image-level skips go to `counter`."""
+    if "json" not in sample:
+        raise DropSample("missing_json", sample["__key__"])
+    try:
+        doc = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DropSample("invalid_json", f"{sample['__key__']}: {e}") from None
+    if not isinstance(doc, dict):
+        raise DropSample("invalid_json", f"{sample['__key__']}: top level is not an object")
+    if "is_gpt" in doc or rules.kind == "chatgpt":
+        return _prepare_gpt(sample, doc, rules, eos_token)
+    return _prepare_mmc4(sample, doc, rules, eos_token, counter)
+
+
+def _image_bytes(sample: dict, info: dict, base64_field: str) -> bytes | None:
+    """The bytes of one image entry (base64 field or converter member); None when the entry has no image."""
+    if base64_field in info:
+        if not isinstance(info[base64_field], str):
+            raise DropSample("image_bad_base64")
+        try:
+            return base64.b64decode(info[base64_field])
+        except (binascii.Error, ValueError):
+            raise DropSample("image_bad_base64") from None
+    member = info.get("member")
+    if isinstance(member, str):
+        if member.lower() not in sample:
+            raise DropSample("image_missing_member")
+        return sample[member.lower()]
+    return None
+
+
+def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str, counter: DropCounter) -> Document:
+    key = sample["__key__"]
+    for field in ("text_list", "image_info", "similarity_matrix"):
+        if field not in doc:
+            raise DropSample("missing_key", f"{key}: no '{field}'")
+    sentences, image_info = doc["text_list"], doc["image_info"]
+    if not (isinstance(sentences, list) and all(isinstance(s, str) for s in sentences)):
+        raise DropSample("bad_document", f"{key}: text_list is not a list of strings")
+    if not (isinstance(image_info, list) and all(isinstance(i, dict) for i in image_info)):
+        raise DropSample("bad_document", f"{key}: image_info is not a list of objects")
+    try:
+        sim = np.asarray(doc["similarity_matrix"], dtype=np.float64)
+    except (ValueError, TypeError):
+        raise DropSample("bad_similarity_matrix", key) from None
+    if sim.shape != (len(image_info), len(sentences)):
+        raise DropSample("bad_similarity_shape", f"{key}: {sim.shape} for {len(image_info)} images x {len(sentences)} sentences")
+    if not np.isfinite(sim).all():
+        raise DropSample("bad_similarity_matrix", f"{key}: non-finite similarities")
+
+    candidates, data = [], {}
+    for i, info in enumerate(image_info):
+        try:
+            raw = _image_bytes(sample, info, "image_base64")
+            if raw is None:
+                raise DropSample("image_missing")
+            if len(raw) <= rules.min_image_bytes:
+                raise DropSample("image_too_small")
+            open_image(raw)
+        except DropSample as e:
+            counter.image(e.reason if e.reason.startswith("image_") else "image_undecodable")
+            continue
+        candidates.append(i)
+        data[i] = raw
+    if not candidates:
+        raise DropSample("no_images", key)
+
+    sub = sim[candidates]
+    rows, cols = linear_sum_assignment(-sub)  # one image per sentence and vice versa, maximising similarity
+    pairs = sorted((int(c), candidates[r]) for r, c in zip(rows, cols) if sub[r, c] >= rules.sim_threshold)
+    if not pairs:
+        raise DropSample("no_images_above_threshold", key)
+    pairs = pairs[: rules.max_images]  # text order (B1): the first images of the document, not of image_info
+
+    sentences = list(sentences)
+    for sentence_ix, _ in pairs:
+        sentences[sentence_ix] = f"{EOC}{MEDIA}{sentences[sentence_ix]}"
+    return Document(key, _finish_text(" ".join(sentences), eos_token), [data[i] for _, i in pairs])
+
+
+def _prepare_gpt(sample: dict, doc: dict, rules: DocumentRules, eos_token: str) -> Document:
+    key = sample["__key__"]
+    for field in ("example", "image_map"):
+        if field not in doc:
+            raise DropSample("missing_key", f"{key}: no '{field}'")
+    text, image_map = doc["example"], doc["image_map"]
+    if not isinstance(text, str) or not isinstance(image_map, dict):
+        raise DropSample("bad_document", f"{key}: example must be a string and image_map an object")
+    placeholders = _GPT_PLACEHOLDER.findall(text)[: rules.max_images]  # B9: keep max_images, not one fewer
+    images = []
+    for number in placeholders:
+        entry = image_map.get(f"_!_IMAGE{number}_!_")
+        if not isinstance(entry, dict):
+            raise DropSample("missing_key", f"{key}: image_map has no _!_IMAGE{number}_!_")
+        try:
+            raw = _image_bytes(sample, entry, "base64_image")
+        except DropSample as e:
+            raise DropSample(e.reason.removeprefix("image_"), key) from None
+        if raw is None:
+            raise DropSample("missing_key", f"{key}: _!_IMAGE{number}_!_ has no image")
+        open_image(raw)
+        images.append(raw)
+    text = _GPT_PLACEHOLDER.sub(f"{EOC}{MEDIA}", text)
+    text = _cleanup(text)
+    starts = [m.start() for m in re.finditer(re.escape(MEDIA), text)]
+    if len(starts) > rules.max_images:
+        text = text[: starts[rules.max_images]].removesuffix(EOC)  # cut before the first image beyond max_images
+    return Document(key, f"{text}{EOC}{eos_token}", images)
+
+
+def _cleanup(text: str) -> str:
+    """The original's marker cleanup: drop the first `<|endofchunk|>`, and spaces around the markers."""
+    text = text.replace(EOC, "", 1)
+    return text.replace(f" {EOC}", EOC).replace(f"{MEDIA} ", MEDIA).replace(f" {MEDIA}", MEDIA)
+
+
+def _finish_text(text: str, eos_token: str) -> str:
+    return f"{_cleanup(text)}{EOC}{eos_token}"
+
+
+class InterleavedBatcher:
+    """Tokenizes each document, applies the image-count rules, then decodes only the images whose `<image>`
+    tokens survived truncation, straight into the zero-padded `[B, max_images, 3, H, W]` batch array."""
+
+    def __init__(self, batch_size: int, transform: ImageTransform, tokenizer, tokens: TokenInfo, rules: DocumentRules):
+        self.batch_size, self.transform, self.tokenizer, self.tokens, self.rules = batch_size, transform, tokenizer, tokens, rules
+        self._reset()
+
+    def _reset(self) -> None:
+        h, w = self.transform.size
+        self.pixels = np.zeros((self.batch_size, self.rules.max_images, 3, h, w), dtype=np.float32)
+        self.ids: list[list[int]] = []
+        self.masks: list[list[int]] = []
+        self.counts: list[int] = []
+
+    def add(self, doc: Document, rng: random.Random) -> bool:
+        """Add one document (or DropSample with the reason); True when the batch is full."""
+        enc = self.tokenizer(doc.text, max_length=self.rules.max_tokens, truncation=True, padding="max_length")
+        ids = enc["input_ids"]
+        n = ids.count(self.tokens.media_id)
+        if n > len(doc.images):
+            raise DropSample("text_has_image_token", doc.key)  # the document's own text spells "<image>"
+        if n < self.rules.min_images:
+            raise DropSample("too_few_images", doc.key)
+        if n == 1 and rng.random() < self.rules.single_image_drop_prob:
+            raise DropSample("single_image", doc.key)
+        if n == 1 and ids[-1] == self.tokens.media_id:  # its labels would all be masked
+            raise DropSample("single_image_at_end", doc.key)
+        row = len(self.ids)
+        flip = rng.random() < self.rules.flip_prob  # one decision per document, as the original
+        try:
+            for k in range(n):
+                self.transform(doc.images[k], self.pixels[row, k], flip)
+        except DropSample:
+            self.pixels[row] = 0.0
+            raise
+        self.ids.append(ids)
+        self.masks.append(enc["attention_mask"])
+        self.counts.append(n)
+        return len(self.ids) == self.batch_size
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(self.ids, dtype=torch.long)
+        mask = torch.tensor(self.masks, dtype=torch.long)
+        batch = {
+            "pixel_values": torch.from_numpy(self.pixels),
+            "num_images": torch.tensor(self.counts, dtype=torch.long),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": build_labels(ids, mask, self.rules.kind, self.tokens.media_id, self.tokens.eoc_id, self.tokens.pad_id),
+        }
+        self._reset()
+        return batch

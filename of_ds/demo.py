@@ -1,0 +1,274 @@
+"""The demo dataset: real photos shipped with scikit-image, captions and documents written to match them.
+
+`tools/make_demo_data OUT` (or `ensure_demo_data(OUT)` from the launcher) writes, deterministically:
+- `OUT/laion/{000000..000003}.tar`: img2dataset-style pairs (`key.jpg`, `key.txt`, `key.json`) + `sizes.json`;
+- `OUT/raw/`: MMC4-style document shards `docs_shard_{i}_v2.jsonl.zip` and images `raw/images/<i>/<image_name>`,
+  converted by `of_ds.convert` into `OUT/mmc4/{000000..000003}.tar` (+ `sizes.json`, `convert_report.json`);
+- `OUT/tokenizer/`: a byte-level BPE (vocabulary 1000) trained on every caption and sentence;
+- `OUT/DONE` last: a directory without it is regenerated.
+
+Every image is a distinct random crop / flip / rescale of one of the photos, JPEG-encoded above the loader's
+10 KB floor. In a document each image has one caption-like sentence with CLIP-like similarity ~0.30 and ~0.15 to
+the others, so the recipe's 0.24 threshold keeps exactly the right pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import io
+import json
+import random
+import shutil
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from of_ds.convert import ConvertOptions, convert
+from of_ds.convert.tarwriter import DeterministicTar
+
+SEED = 1234
+N_SHARDS = 4
+LAION_PER_SHARD = 64
+DOCS_PER_SHARD = 40
+MIN_JPEG_BYTES = 12_000  # above the loader's default min_image_bytes (10,000)
+TOKENIZER_VOCAB = 1000
+EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "DONE")
+
+
+@dataclass(frozen=True)
+class Photo:
+    name: str  # skimage.data function
+    subject: tuple[str, ...]  # noun phrases describing the whole picture (any crop of it)
+    detail: tuple[str, ...]  # short clauses that may follow the subject
+
+
+PHOTOS = (
+    Photo("astronaut", ("an astronaut in a white space suit", "a smiling astronaut", "a woman astronaut in her suit"),
+          ("in front of an american flag", "posing for an official portrait", "holding a space helmet")),
+    Photo("coffee", ("a cup of coffee", "a white cup of coffee on a saucer", "a fresh cup of coffee"),
+          ("with a spoon on the saucer", "on a red table", "with foam on top")),
+    Photo("chelsea", ("a tabby cat", "an orange cat with green eyes", "a ginger cat"),
+          ("looking up at the camera", "sitting on the floor", "with long white whiskers")),
+    Photo("rocket", ("a rocket on the launch pad", "a space shuttle ready to launch", "a tall white rocket"),
+          ("under a blue sky", "next to the launch tower", "before lift off")),
+    Photo("stereo_motorcycle", ("a red motorcycle", "a sport motorcycle", "a shiny motorbike"),
+          ("parked in a garage", "standing on a gray floor", "with a black seat")),
+    Photo("hubble_deep_field", ("galaxies in deep space", "a deep field image of distant galaxies", "a sky full of galaxies"),
+          ("seen by a space telescope", "on a black background", "shining in many colors")),
+    Photo("immunohistochemistry", ("stained tissue under a microscope", "a microscope slide of cells", "a tissue sample"),
+          ("stained brown and blue", "at high magnification", "from a lab")),
+    Photo("retina", ("a photo of a human retina", "the back of an eye", "an eye fundus image"),
+          ("with red blood vessels", "taken by an eye doctor", "showing the optic disc")),
+    Photo("coins", ("old coins", "a collection of silver coins", "rows of antique coins"),
+          ("on a gray background", "lying in neat rows", "in black and white")),
+    Photo("camera", ("a man with a camera", "a photographer with a tripod", "a cameraman"),
+          ("standing in a field", "in black and white", "looking through the camera")),
+    Photo("moon", ("the surface of the moon", "craters on the moon", "the gray moon"),
+          ("seen through a telescope", "in black and white", "full of craters")),
+    Photo("brick", ("a brick wall", "a wall of gray bricks", "bricks and mortar"),
+          ("in black and white", "with rough texture", "seen up close")),
+    Photo("grass", ("green grass", "a patch of grass", "blades of grass"),
+          ("seen up close", "in black and white", "in a field")),
+    Photo("gravel", ("gravel stones", "a pile of small stones", "rough gravel"),
+          ("on the ground", "in black and white", "seen from above")),
+    Photo("page", ("a page of printed text", "an old book page", "a scanned page"),
+          ("with small black letters", "in black and white", "from a printed book")),
+)
+
+CAPTION_FORMS = ("{s} {d}", "a photo of {s} {d}", "{s}", "a picture of {s}", "close up of {s} {d}", "an image of {s} {d}")
+FILLER = (
+    "We spent the whole afternoon there.",
+    "Here are a few more pictures from the day.",
+    "It was a wonderful trip and we learned a lot.",
+    "The weather was perfect.",
+    "Let me know what you think in the comments.",
+    "This is one of my favourite places.",
+    "More photos will follow next week.",
+    "Thanks for reading this post.",
+)
+TITLES = ("My photo diary", "Things I saw this week", "A short story in pictures", "Notes from the lab", "Weekend album")
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def load_photos() -> dict[str, np.ndarray]:
+    """Every photo as an RGB uint8 array (gray ones stacked to three channels)."""
+    import skimage.data
+
+    out = {}
+    for p in PHOTOS:
+        arr = getattr(skimage.data, p.name)()
+        if isinstance(arr, tuple):  # stereo_motorcycle: (left, right, disparity)
+            arr = arr[0]
+        arr = np.asarray(arr)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        out[p.name] = np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+    return out
+
+
+def make_variant(arr: np.ndarray, rng: random.Random) -> bytes:
+    """A random crop (60-100% of each side), maybe mirrored, resized to 256-320 px, as a JPEG above 12 KB."""
+    h, w = arr.shape[:2]
+    ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+    y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+    im = Image.fromarray(arr[y : y + ch, x : x + cw])
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    side = rng.choice((256, 288, 320))
+    scale = side / min(im.size)
+    im = im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale))), Image.BICUBIC)
+    noise_seed = rng.randrange(2**32)
+    for grain in (0, 3, 6, 10):
+        pixels = im
+        if grain:  # flat photos (moon, rocket sky) compress below the 10 KB floor; film grain keeps them above
+            noise = np.random.default_rng(noise_seed).normal(0, grain, (im.height, im.width, 1))
+            pixels = Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        pixels.save(buf, format="JPEG", quality=92)
+        if buf.tell() >= MIN_JPEG_BYTES:
+            break
+    return buf.getvalue()
+
+
+def make_caption(photo: Photo, rng: random.Random) -> str:
+    form = rng.choice(CAPTION_FORMS)
+    return form.format(s=rng.choice(photo.subject), d=rng.choice(photo.detail)).strip()
+
+
+# ----------------------------------------------------------------------------------------------------- LAION
+def write_laion(out: Path, photos: dict[str, np.ndarray], rng: random.Random) -> list[str]:
+    """img2dataset-style shards; returns the captions."""
+    out.mkdir(parents=True, exist_ok=True)
+    captions, sizes = [], {}
+    for shard in range(N_SHARDS):
+        name = f"{shard:06d}.tar"
+        with DeterministicTar(out / name) as tar:
+            for i in range(LAION_PER_SHARD):
+                photo = rng.choice(PHOTOS)
+                jpg = make_variant(photos[photo.name], rng)
+                caption = make_caption(photo, rng)
+                key = f"{shard:05d}{i:04d}"
+                w, h = Image.open(io.BytesIO(jpg)).size
+                meta = {"key": key, "caption": caption, "url": f"https://demo.invalid/{photo.name}/{key}.jpg",
+                        "width": w, "height": h, "status": "success", "error_message": None,
+                        "sha256": hashlib.sha256(jpg).hexdigest()}
+                tar.add(f"{key}.jpg", jpg)
+                tar.add(f"{key}.txt", caption.encode())
+                tar.add(f"{key}.json", json.dumps(meta).encode())
+                captions.append(caption)
+        sizes[name] = LAION_PER_SHARD
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    return captions
+
+
+# ------------------------------------------------------------------------------------------------------ MMC4
+def make_document(shard: int, k: int, photos: dict[str, np.ndarray], images: Path, rng: random.Random) -> dict:
+    """One MMC4-style document: a title, 1-4 images each with its caption-like sentence, filler between."""
+    texts = [f"{rng.choice(TITLES)}."]
+    infos, caption_at = [], []
+    for i in range(rng.randint(1, 4)):
+        if rng.random() < 0.6:
+            texts.append(rng.choice(FILLER))
+        photo = rng.choice(PHOTOS)
+        jpg = make_variant(photos[photo.name], rng)
+        image_name = hashlib.sha1(f"demo-{shard}-{k}-{i}".encode()).hexdigest() + ".jpg"
+        (images / image_name).write_bytes(jpg)
+        caption_at.append(len(texts))
+        texts.append(make_caption(photo, rng).capitalize() + ".")
+        infos.append({"image_name": image_name, "raw_url": f"https://demo.invalid/{photo.name}/{image_name}",
+                      "face_detections": None})
+    texts.append(rng.choice(FILLER))
+    sim = [[round(0.30 + rng.uniform(-0.03, 0.03) if j == at else 0.15 + rng.uniform(-0.04, 0.04), 4)
+            for j in range(len(texts))] for at in caption_at]
+    for info, row, at in zip(infos, sim, caption_at):
+        info["matched_text_index"], info["matched_sim"] = at, row[at]
+    return {"url": f"https://demo.invalid/doc/{shard}/{k}", "text_list": texts, "image_info": infos,
+            "similarity_matrix": sim, "could_have_url_duplicate": 0}
+
+
+def write_mmc4_raw(raw: Path, photos: dict[str, np.ndarray], rng: random.Random) -> list[str]:
+    """MMC4 download layout under `raw/`; returns every sentence."""
+    sentences = []
+    for shard in range(N_SHARDS):
+        images = raw / "images" / str(shard)
+        images.mkdir(parents=True, exist_ok=True)
+        docs = [make_document(shard, k, photos, images, rng) for k in range(DOCS_PER_SHARD)]
+        sentences += [t for d in docs for t in d["text_list"]]
+        name = f"docs_shard_{shard}_v2.jsonl"
+        info = zipfile.ZipInfo(name, date_time=(2023, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zipfile.ZipFile(raw / f"{name}.zip", "w") as zf:
+            zf.writestr(info, "".join(json.dumps(d) + "\n" for d in docs))
+    return sentences
+
+
+# ------------------------------------------------------------------------------------------------------- all
+def make_demo_data(out: str | Path) -> Path:
+    """(Re)generate the whole demo directory; `DONE` is written last."""
+    from of_ds.model.tokenizer import train_bpe_tokenizer
+
+    out = Path(out)
+    _clear_partial(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SEED)
+    photos = load_photos()
+    captions = write_laion(out / "laion", photos, rng)
+    sentences = write_mmc4_raw(out / "raw", photos, rng)
+    convert(ConvertOptions(
+        inputs=str(out / "raw" / f"docs_shard_{{0..{N_SHARDS - 1}}}_v2.jsonl.zip"), image_dir=str(out / "raw" / "images"),
+        output_dir=str(out / "mmc4"), image_layout="number", progress=False,
+    ))
+    train_bpe_tokenizer(captions + sentences, out / "tokenizer", vocab_size=TOKENIZER_VOCAB)
+    (out / "DONE").write_text("demo data complete\n")
+    return out
+
+
+def ensure_demo_data(path: str | Path) -> Path:
+    """Generate the demo data at `path` unless it is complete. Safe when several ranks call it at once: one
+    generates under an exclusive file lock while the others wait for it, then all see `DONE`."""
+    path = Path(path)
+    if (path / "DONE").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "DONE").is_file():
+            make_demo_data(path)
+    return path
+
+
+def _clear_partial(out: Path) -> None:
+    """Remove a half-written demo dir, refusing to touch a directory that holds anything else."""
+    if not out.exists():
+        return
+    strangers = sorted(p.name for p in out.iterdir() if p.name not in EXPECTED)
+    if strangers:
+        raise FileExistsError(f"{out}: exists and holds files that are not demo data ({', '.join(strangers[:5])}); pick another path")
+    shutil.rmtree(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make_demo_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="Output directory (e.g. demo_data)")
+    p.add_argument("--force", action="store_true", help="Regenerate even if OUT/DONE exists")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.force and (out / "DONE").exists():
+        (out / "DONE").unlink()
+    try:
+        ensure_demo_data(out)
+    except FileExistsError as e:
+        print(f"make_demo_data: error: {e}", file=sys.stderr)
+        return 2
+    print(f"demo data ready in {out}/: laion/ mmc4/ tokenizer/ (raw MMC4-style inputs in raw/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

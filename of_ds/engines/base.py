@@ -1,0 +1,67 @@
+"""The Engine protocol: the only verbs the step loop uses, whatever wraps the model (DeepSpeed, DDP, FSDP2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Protocol
+
+import torch
+from torch import nn
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    grad_norm: Optional[float]  # global norm before clipping; None where the engine does not report it
+    skipped: bool  # the update was not applied (fp16 overflow, non-finite gradients)
+    lr: float
+
+
+class Engine(Protocol):
+    module: nn.Module  # the plain Flamingo (unwrapped)
+    grad_accum_steps: int
+
+    def forward(self, batches: Mapping[str, Batch], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """One micro-step: a loss per dataset and `loss`, their weighted sum (the one thing `backward` gets)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of one micro-step (scaled by 1/accumulation; reduced across ranks on the last)."""
+
+    def step(self) -> StepStats:
+        """After the last micro-step: clip, optimizer and scheduler step, zero grads."""
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        """Write trainable weights, optimizer and scheduler state into `directory` (collective)."""
+
+    def load(self, directory: Path, *, weights_only: bool = False) -> dict:
+        """Restore what `save` wrote; returns its client_state (collective)."""
+
+    @property
+    def lr(self) -> float: ...
+
+
+def move_batch(batch: Batch, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """To the device; only floating tensors (pixels) are cast, never token ids (the original's bug B3)."""
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        v = v.to(device, non_blocking=True)
+        out[k] = v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v
+    return out
+
+
+def weighted_losses(model: nn.Module, batches: Mapping[str, Batch], weights: Mapping[str, float], device, float_dtype=None) -> dict[str, torch.Tensor]:
+    """Forward every dataset's micro-batch; `loss` = sum of weight x dataset loss (one graph, one backward)."""
+    losses: dict[str, torch.Tensor] = {}
+    total = None
+    for name, batch in batches.items():
+        b = move_batch(batch, device, float_dtype)
+        loss = model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"], num_images=b.get("num_images")).loss
+        losses[name] = loss
+        term = loss * float(weights.get(name, 1.0))
+        total = term if total is None else total + term
+    losses["loss"] = total
+    return losses

@@ -1,0 +1,181 @@
+"""Per-GPU memory estimate (model states + activations) per ZeRO stage / offload, and the cheapest plan that fits.
+
+Model states follow the ZeRO paper's accounting: 16-bit weights (all of them), 16-bit gradients and 12 bytes of
+fp32 master weights + Adam moments per *trainable* parameter under bf16/fp16; fp32 and amp_* keep 4-byte weights
+and gradients and 8 bytes of moments. Stage 1 shards optimizer states, 2 also gradients, 3 also every weight
+(frozen included); offload moves optimizer states (and with offload_param, weights) to the host. Activations are
+estimated for one micro-step of every dataset with the Korthikanti et al. per-layer figure (34·s·b·h bytes in
+16-bit, SDPA assumed so no s² term), the logits (16-bit + fp32 loss copy + its gradient), the perceiver, and a
+transient of the frozen vision tower. It is an estimate (±20-30%); `tools/bench_step` measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+GiB = 2**30
+OVERHEAD_BYTES = 1.5 * GiB  # CUDA context, allocator slack, NCCL buffers
+HEADROOM = 0.9  # plan to use at most 90% of the card
+
+# cheapest (fastest) first: (zero stage, offload_optimizer, offload_param)
+PLANS = [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none"), (2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]
+
+
+@dataclass
+class ModelDims:
+    total_params: int
+    trainable_params: int
+    lm_dim: int
+    lm_layers: int
+    xattn_blocks: int
+    xattn_heads: int
+    vocab: int
+    vis_dim: int
+    vis_tokens: int  # patch tokens per image (incl. class token)
+    vis_layers: int
+    latents: int
+    perceiver_depth: int
+
+
+@dataclass
+class MemoryEstimate:
+    zero_stage: int
+    offload_optimizer: str
+    offload_param: str
+    activation_checkpointing: bool
+    params_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    overhead_gib: float
+    total_gib: float
+    host_gib: float  # what offload puts in CPU memory, per rank
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(text: str) -> float:
+    """'24GiB', '80GB', '24g', '24' (GiB) -> bytes."""
+    t = text.strip().lower().replace(" ", "")
+    units = {"tib": 2**40, "tb": 1e12, "gib": 2**30, "gb": 1e9, "g": 2**30, "mib": 2**20, "mb": 1e6, "m": 2**20}
+    for u, mult in units.items():
+        if t.endswith(u):
+            return float(t[: -len(u)]) * mult
+    return float(t) * GiB
+
+
+def model_dims(model, spec) -> ModelDims:
+    """Read the sizes that matter from a (meta) Flamingo and its spec."""
+    import open_clip
+
+    from ..model import count_parameters
+
+    counts = count_parameters(model)
+    vcfg = open_clip.get_model_config(spec.model.vision.name)["vision_cfg"]
+    size = vcfg.get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return ModelDims(
+        total_params=counts["total"], trainable_params=counts["trainable"], lm_dim=model.lang_dim,
+        lm_layers=len(model.flamingo_layers()), xattn_blocks=len(model.cross_attention_blocks()),
+        xattn_heads=spec.model.cross_attn.heads, vocab=model.new_tokens.vocab_size, vis_dim=model.vis_dim,
+        vis_tokens=(size // vcfg["patch_size"]) ** 2 + 1, vis_layers=vcfg["layers"],
+        latents=spec.model.perceiver.num_latents, perceiver_depth=spec.model.perceiver.depth,
+    )
+
+
+def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool) -> float:
+    a = 4 if precision == "fp32" else 2
+    per_elem = 34 / 2 * a  # 34 bytes per s·b·h in 16-bit
+    total, biggest_layer = 0.0, 0.0
+    for d in spec.data.datasets:
+        b, L = d.batch_size, d.effective_max_tokens()
+        t = 1 if d.kind == "laion" else d.max_images
+        sbh = b * L * dims.lm_dim
+        layer = per_elem * sbh
+        xattn = per_elem * sbh + 2 * a * b * dims.xattn_heads * L * t * dims.latents
+        if checkpointing:
+            lm = (dims.lm_layers + dims.xattn_blocks) * a * sbh  # layer inputs kept, one layer recomputed at a time
+            biggest_layer = max(biggest_layer, layer + xattn)
+        else:
+            lm = dims.lm_layers * layer + dims.xattn_blocks * xattn
+        logits = b * L * dims.vocab * (a + 4 + 4)
+        perceiver = dims.perceiver_depth * per_elem * b * t * (dims.vis_tokens + dims.latents) * dims.vis_dim
+        vision_transient = 8 * a * b * t * dims.vis_tokens * dims.vis_dim
+        total += lm + logits + perceiver + vision_transient
+    return total + biggest_layer
+
+
+def estimate(dims: ModelDims, spec, world_size: int, zero_stage: int, offload_optimizer: str = "none",
+             offload_param: str = "none", checkpointing: Optional[bool] = None) -> MemoryEstimate:
+    precision = spec.engine.precision
+    ckpt = spec.engine.activation_checkpointing if checkpointing is None else checkpointing
+    half = precision in ("bf16", "fp16")
+    w, g, o = (2, 2, 12) if half else (4, 4, 8)
+    n = max(1, world_size)
+    pt, pall = dims.trainable_params, dims.total_params
+    params = pall * w / (n if zero_stage >= 3 else 1)
+    grads = pt * g / (n if zero_stage >= 2 else 1)
+    optim = pt * o / (n if zero_stage >= 1 else 1)
+    host = 0.0
+    if offload_optimizer != "none":
+        host += optim + pt * 4 / n
+        optim = 0.0
+    if offload_param != "none":
+        host += params
+        params = min(params, 3e7 * w)  # stage3_max_live_parameters gathered at a time
+    buckets = 0.0 if zero_stage == 0 else 2 * min(5e8, pt) * g
+    acts = activation_bytes(dims, spec, precision, ckpt)
+    total = params + grads + optim + acts + OVERHEAD_BYTES + buckets
+    return MemoryEstimate(
+        zero_stage, offload_optimizer, offload_param, ckpt, params / GiB, grads / GiB, optim / GiB, acts / GiB,
+        (OVERHEAD_BYTES + buckets) / GiB, total / GiB, host / GiB,
+    )
+
+
+@dataclass
+class Recommendation:
+    fits: Optional[MemoryEstimate]
+    budget_gib: float
+    considered: list[MemoryEstimate] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.fits is None:
+            return (f"nothing fits {self.budget_gib:.1f} GiB per GPU, even ZeRO-3 with parameter and optimizer offload "
+                    f"and activation checkpointing: lower data.datasets[*].batch_size (use optim.grad_accum_steps)")
+        e = self.fits
+        parts = [f"ZeRO-{e.zero_stage}"]
+        if e.offload_optimizer != "none":
+            parts.append(f"optimizer offload ({e.offload_optimizer})")
+        if e.offload_param != "none":
+            parts.append(f"parameter offload ({e.offload_param})")
+        parts.append("with activation checkpointing" if e.activation_checkpointing else "without activation checkpointing")
+        cfg = {(0, "none", "none"): "zero0", (1, "none", "none"): "zero1", (2, "none", "none"): "zero2", (3, "none", "none"): "zero3",
+               (2, "cpu", "none"): "zero2_offload", (3, "cpu", "cpu"): "zero3_offload"}.get((e.zero_stage, e.offload_optimizer, e.offload_param))
+        hint = f" (ds_configs/{cfg}.json" + (", --set engine.activation_checkpointing=true)" if e.activation_checkpointing else ")") if cfg else ""
+        return f"recommended for {self.budget_gib:.1f} GiB per GPU: {' + '.join(parts)}, about {e.total_gib:.1f} GiB{hint}"
+
+
+def recommend(dims: ModelDims, spec, world_size: int, gpu_bytes: float) -> Recommendation:
+    """The first plan (fastest first; activation checkpointing only when nothing fits without) under 90% of the card."""
+    budget = gpu_bytes * HEADROOM / GiB
+    rec = Recommendation(None, gpu_bytes / GiB)
+    for ckpt in (False, True):
+        for stage, off_opt, off_param in PLANS:
+            e = estimate(dims, spec, world_size, stage, off_opt, off_param, ckpt)
+            rec.considered.append(e)
+            if rec.fits is None and e.total_gib <= budget:
+                rec.fits = e
+        if rec.fits is not None:
+            break
+    return rec
+
+
+def format_table(estimates: list[MemoryEstimate]) -> str:
+    head = f"{'plan':<26}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'other':>8}{'total':>9}{'host':>9}  GiB/GPU"
+    rows = [head]
+    for e in estimates:
+        name = f"ZeRO-{e.zero_stage}" + (f" off-opt:{e.offload_optimizer}" if e.offload_optimizer != "none" else "") + (f" off-param:{e.offload_param}" if e.offload_param != "none" else "") + (" +ckpt" if e.activation_checkpointing else "")
+        rows.append(f"{name:<26}{e.params_gib:9.2f}{e.grads_gib:9.2f}{e.optimizer_gib:9.2f}{e.activations_gib:9.2f}{e.overhead_gib:8.2f}{e.total_gib:9.2f}{e.host_gib:9.2f}")
+    return "\n".join(rows)

@@ -1,0 +1,246 @@
+"""The Flamingo module: frozen vision tower -> perceiver -> gated cross-attention inside a frozen causal LM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spec import CrossAttnSpec, PerceiverSpec
+from .cross_attention import FlamingoLayer, GatedCrossAttentionBlock, MediaContext, MediaSlot, build_media_context, should_add_cross_attention
+from .embeddings import NewTokenEmbeddings
+from .language import forward_arg_names, get_by_path, hidden_size, set_by_path
+from .perceiver import PerceiverResampler
+from .vision import encode_patch_tokens
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FlamingoOutput:
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    media: int
+    eoc: int
+    pad: int
+    new: tuple[int, ...]  # every id served by the decoupled tables
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (fp32), mean over labels != -100; 0 (not NaN) when nothing is labelled."""
+    target = labels[:, 1:].reshape(-1)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def check_batch(pixel_values, input_ids, attention_mask, labels, num_images) -> None:
+    """Shapes that must agree, with a message naming the tensor (a mismatch would otherwise broadcast or fail deep inside)."""
+    b, length = input_ids.shape
+    if pixel_values.ndim not in (5, 6) or pixel_values.shape[0] != b:
+        raise ValueError(f"pixel_values: expected [B={b}, T, 3, H, W], got {tuple(pixel_values.shape)}")
+    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        if t is not None and tuple(t.shape) != (b, length):
+            raise ValueError(f"{name}: expected shape {(b, length)} like input_ids, got {tuple(t.shape)}")
+    if num_images is not None and tuple(num_images.shape) != (b,):
+        raise ValueError(f"num_images: expected shape ({b},), got {tuple(num_images.shape)}")
+
+
+class Flamingo(nn.Module):
+    """`forward(pixel_values [B,T,3,H,W], input_ids, attention_mask, labels=None, num_images=None) -> FlamingoOutput`."""
+
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        lang_encoder: nn.Module,
+        *,
+        vis_dim: int,
+        decoder_layers_attr: str,
+        token_ids: TokenIds,
+        vocab_size: int,
+        perceiver: PerceiverSpec = PerceiverSpec(),
+        cross_attn: CrossAttnSpec = CrossAttnSpec(),
+        freeze_new_token_embeddings: bool = False,
+        init_new_tokens: bool = True,
+    ):
+        super().__init__()
+        if not cross_attn.only_attend_immediate_media:
+            raise ValueError("model.cross_attn.only_attend_immediate_media: only true is supported (the original's only mode)")
+        self.vision_encoder = vision_encoder
+        self.lang_encoder = lang_encoder
+        self.decoder_layers_attr = decoder_layers_attr
+        self.media_token_id, self.eoc_token_id, self.pad_token_id = token_ids.media, token_ids.eoc, token_ids.pad
+        self.token_ids = token_ids
+        self.vis_dim, self.lang_dim = vis_dim, hidden_size(lang_encoder)
+        self.perceiver = PerceiverResampler(
+            dim=vis_dim, depth=perceiver.depth, dim_head=perceiver.dim_head, heads=perceiver.heads,
+            num_latents=perceiver.num_latents, ff_mult=perceiver.ff_mult,
+        )
+        self._media = MediaSlot()
+        self._wrap_decoder_layers(cross_attn)
+        base_in, base_out = lang_encoder.get_input_embeddings(), lang_encoder.get_output_embeddings()
+        if base_out is None:
+            raise ValueError(f"{type(lang_encoder).__name__} has no output embeddings module (get_output_embeddings() is None)")
+        self.new_tokens = NewTokenEmbeddings(
+            token_ids.new, base_out.weight.shape[0], vocab_size, self.lang_dim, tied=base_out.weight is base_in.weight
+        )
+        if init_new_tokens:
+            self.new_tokens.init_from(base_in, base_out)
+        self._lm_args = forward_arg_names(lang_encoder.base_model)
+        self.apply_freezing(freeze_new_token_embeddings)
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _wrap_decoder_layers(self, spec: CrossAttnSpec) -> None:
+        layers = get_by_path(self.lang_encoder, self.decoder_layers_attr)
+        wrapped = [
+            FlamingoLayer(
+                GatedCrossAttentionBlock(dim=self.lang_dim, dim_visual=self.vis_dim, dim_head=spec.dim_head, heads=spec.heads, ff_mult=spec.ff_mult)
+                if should_add_cross_attention(i, spec.every_n_layers) else None,
+                layer,
+                self._media,
+            )
+            for i, layer in enumerate(layers)
+        ]
+        set_by_path(self.lang_encoder, self.decoder_layers_attr, nn.ModuleList(wrapped))
+
+    def apply_freezing(self, freeze_new_token_embeddings: bool) -> None:
+        """Trainable: perceiver, cross-attention blocks, new-token tables (unless frozen). Everything else frozen."""
+        self.requires_grad_(False)
+        self.perceiver.requires_grad_(True)
+        for block in self.cross_attention_blocks():
+            block.requires_grad_(True)
+        self.new_tokens.requires_grad_(not freeze_new_token_embeddings)
+
+    def flamingo_layers(self) -> list[FlamingoLayer]:
+        return list(get_by_path(self.lang_encoder, self.decoder_layers_attr))
+
+    def cross_attention_blocks(self) -> list[GatedCrossAttentionBlock]:
+        return [l.gated_cross_attn_layer for l in self.flamingo_layers() if l.gated_cross_attn_layer is not None]
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each FlamingoLayer (cross-attention + decoder layer) in backward."""
+        for layer in self.flamingo_layers():
+            layer.activation_checkpointing = enabled
+
+    def compile_cross_attention(self, **compile_kwargs) -> None:
+        """`torch.compile` each gated cross-attention block in place (engine.compile)."""
+        for block in self.cross_attention_blocks():
+            block.compile(**compile_kwargs)
+
+    def train(self, mode: bool = True) -> "Flamingo":
+        super().train(mode)
+        self.vision_encoder.eval()  # frozen; never in train mode
+        return self
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def encode_images(self, pixel_values: torch.Tensor, num_images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, T, 3, H, W] -> latents [B, T, n, D]; with `num_images` [B] only real images are encoded (others stay 0).
+
+        Keep `num_images` on the CPU (as the loaders yield it): the real-image indices are then found without a
+        device sync.
+        """
+        if pixel_values.ndim == 6:  # the original's [B, T, F=1, C, H, W]
+            if pixel_values.shape[2] != 1:
+                raise ValueError(f"pixel_values: only single-frame media are supported, got F={pixel_values.shape[2]}")
+            pixel_values = pixel_values.squeeze(2)
+        b, t = pixel_values.shape[:2]
+        images = pixel_values.flatten(0, 1)
+        if num_images is None:
+            return self._resample(images).unflatten(0, (b, t))
+        real = (torch.arange(t, device=num_images.device) < num_images[:, None]).flatten().nonzero().squeeze(1)
+        real = real.to(pixel_values.device, non_blocking=True)
+        latents = self.perceiver.latents.new_zeros(b * t, *self.perceiver.latents.shape)
+        if real.numel():
+            latents = latents.index_copy(0, real, self._resample(images.index_select(0, real)).to(latents.dtype))
+        return latents.unflatten(0, (b, t))
+
+    def _resample(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, n, D]: frozen tower (no autograd), then the perceiver."""
+        return self.perceiver(encode_patch_tokens(self.vision_encoder, images).to(self.perceiver.latents.dtype))
+
+    def run_lm(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], media: MediaContext, *, cache=None, position_ids=None, use_cache: bool = False):
+        """Run the LM body with `media` set for its FlamingoLayers; returns (last hidden state, cache)."""
+        embeds = self.new_tokens.embed(input_ids, self.lang_encoder.get_input_embeddings())
+        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=use_cache)
+        if cache is not None:
+            kwargs["cache" if "cache" in self._lm_args else "past_key_values"] = cache
+        if position_ids is not None and "position_ids" in self._lm_args:
+            kwargs["position_ids"] = position_ids
+        self._media.current = media
+        try:
+            out = self.lang_encoder.base_model(**kwargs)
+        finally:
+            self._media.current = None
+        if not use_cache:
+            return out.last_hidden_state, None
+        return out.last_hidden_state, (out["cache"] if "cache" in out else out.get("past_key_values"))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.new_tokens.logits(hidden, self.lang_encoder.get_output_embeddings())
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        num_images: Optional[torch.Tensor] = None,
+    ) -> FlamingoOutput:
+        check_batch(pixel_values, input_ids, attention_mask, labels, num_images)
+        latents = self.encode_images(pixel_values, num_images)
+        media = build_media_context(latents, input_ids, self.media_token_id, num_images)
+        hidden, _ = self.run_lm(input_ids, attention_mask, media)
+        logits = self.compute_logits(hidden)
+        return FlamingoOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 20,
+        num_beams: int = 1,
+        eos_token_id: Optional[int] = None,
+        num_images: Optional[torch.Tensor] = None,
+        length_penalty: float = 1.0,
+    ) -> torch.Tensor:
+        """Greedy (num_beams=1) or beam search with a KV cache; prompts must be left-padded. Returns prompt + new tokens."""
+        from .generation import beam_search, greedy_search
+
+        eos = self.eoc_token_id if eos_token_id is None else eos_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        check_batch(pixel_values, input_ids, attention_mask, None, num_images)
+        latents = self.encode_images(pixel_values, num_images)
+        if num_beams == 1:
+            return greedy_search(self, latents, input_ids, attention_mask, num_images, max_new_tokens, eos)
+        return beam_search(self, latents, input_ids, attention_mask, num_images, max_new_tokens, eos, num_beams, length_penalty)
+
+    # --------------------------------------------------------------------------------------------- state dicts
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the perceiver, cross-attention blocks and new-token tables (frozen or not), in our key layout."""
+        keep = ("perceiver.", "new_tokens.")
+        out = {}
+        for k, v in self.state_dict().items():
+            if k.startswith(keep) or ".gated_cross_attn_layer." in k:
+                out[k] = v
+        return out
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load what `trainable_state_dict` wrote; any missing or unexpected key is an error."""
+        expected = set(self.trainable_state_dict())
+        got = set(state_dict)
+        if got != expected:
+            raise KeyError(
+                f"trainable state dict mismatch: missing {sorted(expected - got)[:10]}, unexpected {sorted(got - expected)[:10]}"
+            )
+        result = self.load_state_dict(state_dict, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"unexpected keys {result.unexpected_keys[:10]}")

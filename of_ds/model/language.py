@@ -1,0 +1,96 @@
+"""The frozen HF causal LM: loading (name, local path or config) and decoder-layer discovery."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..spec import LMSpec
+
+# model_type -> dotted path of the decoder layer list (transformers 5); others need model.lm.decoder_layers_attr
+DECODER_LAYERS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "mpt": "transformer.blocks",
+    "mosaic_gpt": "transformer.blocks",  # MosaicGPT remote code (anas-awadalla/mpt-1b-redpajama-200b)
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+}
+
+
+def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = True) -> nn.Module:
+    """An HF causal LM in fp32: from `spec.config` (random init), or by name/path (weights unless `load_weights`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.config is not None:
+        cfg = dict(spec.config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    common = dict(trust_remote_code=spec.trust_remote_code, cache_dir=spec.cache_dir, local_files_only=offline)
+    if not load_weights:
+        config = AutoConfig.from_pretrained(spec.name_or_path, **common)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.float32, **common)
+
+
+def get_by_path(root: nn.Module, path: str):
+    node = root
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def set_by_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, last = path.rpartition(".")
+    setattr(get_by_path(root, parent) if parent else root, last, value)
+
+
+def find_decoder_layers_path(lm: nn.Module, override: Optional[str] = None) -> str:
+    """The dotted path of `lm`'s decoder layer list: `override`, else the table entry for its model_type."""
+    model_type = getattr(lm.config, "model_type", None)
+    path = override or DECODER_LAYERS.get(model_type)
+    if path is None:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(lm).__name__} (model_type '{model_type}'): set "
+            f"model.lm.decoder_layers_attr to the dotted path of its layer list (e.g. model.layers); "
+            f"known model types: {sorted(DECODER_LAYERS)}"
+        )
+    try:
+        layers = get_by_path(lm, path)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList):
+        where = "model.lm.decoder_layers_attr" if override else f"the known path for model_type '{model_type}'"
+        raise ValueError(
+            f"{where} '{path}' is not a layer list (nn.ModuleList) on {type(lm).__name__}; "
+            f"set model.lm.decoder_layers_attr to the dotted path of its decoder layers"
+        )
+    return path
+
+
+def module_path(root: nn.Module, target: nn.Module) -> str:
+    """The dotted name of submodule `target` inside `root`."""
+    for name, mod in root.named_modules():
+        if mod is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def hidden_size(lm: nn.Module) -> int:
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for key in ("d_model", "hidden_size", "n_embd"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise ValueError(f"cannot read the hidden size of {type(lm).__name__} from its config")
+
+
+def forward_arg_names(module: nn.Module) -> set[str]:
+    return set(inspect.signature(module.forward).parameters)

@@ -1,0 +1,112 @@
+"""Runtime facts of this process (rank, world size, device, backend), computed once from the launcher's env.
+
+torchrun and the deepspeed launcher both export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. A plain
+`python launch/train.py` has none of them: it is rank 0 of 1 and gets a loopback rendezvous on a free port, so it
+never needs MASTER_ADDR (the original's bug B18).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .spec import EngineSpec
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    # set by the multi-node watchdog (of_ds/engines/watchdog.py); the loop calls heartbeat() once per step
+    heartbeat_fn: Optional[Callable[[int], None]] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def heartbeat(self, step: int) -> None:
+        """Per-step liveness hook for the multi-node watchdog; a no-op until one is installed."""
+        if self.heartbeat_fn is not None:
+            self.heartbeat_fn(step)
+
+    def all_reduce_max(self, value: float) -> float:
+        """The max of a float over ranks (collective decisions: NaN skip, stop)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def all_reduce_mean(self, values: list[float]) -> list[float]:
+        if not self.distributed or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / self.world_size).tolist()
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_rendezvous_env() -> None:
+    """Give a launcher-less single process the env a process group needs (loopback, a free port)."""
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def pick_device(local_rank: int, set_device_rank: bool) -> torch.device:
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        index = local_rank if set_device_rank else 0
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def build_runtime(engine: EngineSpec, *, init_process_group: bool = True, timeout_s: Optional[float] = None) -> Runtime:
+    """Read rank/world size from the env, pick the device, and (optionally) start the process group once."""
+    ensure_rendezvous_env()
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(local_rank, engine.set_device_rank)
+    backend = engine.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+    if timeout_s is None:
+        timeout_s = getattr(engine, "collective_timeout_s", None)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    if init_process_group and not dist.is_initialized():
+        if engine.kind == "deepspeed":
+            import deepspeed
+
+            kwargs = {"timeout": timeout} if timeout else {}
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=engine.dist_url, **kwargs)
+        else:
+            kwargs = {"timeout": timeout} if timeout else {}
+            dist.init_process_group(backend=backend, init_method=engine.dist_url, rank=rank, world_size=world, **kwargs)
+    return Runtime(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)

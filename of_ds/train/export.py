@@ -1,0 +1,103 @@
+"""`tools/export_checkpoint RUN_DIR OUT`: one file of trainable weights, in the original OpenFlamingo key layout.
+
+Reads any engine's checkpoint: the torch engine's `model.pt`, DeepSpeed ZeRO-0 module states, and ZeRO-1/2/3
+partitions (consolidated to fp32 with DeepSpeed's `zero_to_fp32`, frozen parameters excluded). The weights are
+loaded into a freshly built model (the checkpoint's own `spec.yaml`, same seed), checked for completeness, and
+written with `to_openflamingo_state_dict`: loadable by `load_openflamingo_state_dict`, by `checkpoint.resume_from`,
+and by the original's `model.load_state_dict(sd, strict=False)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..spec import RunSpec
+from .checkpoint import complete_checkpoints, is_complete
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A step folder, or the newest complete one under a run dir or its checkpoints dir."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a step-*/ folder with COMPLETE) here or under checkpoints/")
+
+
+def read_trainable_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Our-layout trainable weights (fp32 where the engine kept fp32 masters) from any engine's files."""
+    meta = json.loads((step_dir / "meta.json").read_text())
+    if (step_dir / "model.pt").is_file():
+        return torch.load(step_dir / "model.pt", map_location="cpu", weights_only=True)
+    if meta.get("engine") != "deepspeed":
+        raise FileNotFoundError(f"{step_dir}: no model.pt for engine {meta.get('engine')}")
+    if (meta.get("zero_stage") or 0) == 0:
+        states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, exclude_frozen_parameters=True))
+
+
+def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None):
+    """-> (model, spec): the checkpoint's model rebuilt on the CPU with its trainable weights loaded."""
+    from ..model import build_flamingo
+    from .session import seed_everything
+
+    spec = spec or RunSpec.from_yaml(step_dir / "spec.yaml")
+    seed_everything(spec.run.seed)  # same init as training: frozen new-token rows, if any, match
+    model, _, _ = build_flamingo(spec.model)
+    weights = read_trainable_weights(step_dir)
+    params = dict(model.named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
+    if missing:
+        raise KeyError(f"{step_dir}: trainable weights missing from the checkpoint: {missing[:8]}")
+    unexpected = sorted(k for k in weights if k not in model.state_dict())
+    if unexpected:
+        raise KeyError(f"{step_dir}: weights the model does not have: {unexpected[:8]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name in params:
+                params[name].copy_(value.to(params[name].dtype))
+    return model, spec
+
+
+def export_checkpoint(src: str | Path, out: str | Path, layout: str = "openflamingo") -> Path:
+    from ..model.checkpoint_keys import to_openflamingo_state_dict
+
+    step_dir = find_checkpoint(src)
+    model, _ = load_checkpoint_into_model(step_dir)
+    sd = to_openflamingo_state_dict(model) if layout == "openflamingo" else {k: v.cpu() for k, v in model.trainable_state_dict().items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(sd, tmp)  # a bare state dict, as the released checkpoint.pt files
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a run dir, its checkpoints/ dir, or one step-* folder")
+    p.add_argument("out", help="output file (.pt)")
+    p.add_argument("--layout", choices=["openflamingo", "ours"], default="openflamingo")
+    args = p.parse_args(argv)
+    try:
+        path = export_checkpoint(args.run_dir, args.out, args.layout)
+    except (FileNotFoundError, KeyError) as e:
+        print(f"export_checkpoint: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""AdamW parameter groups and warmup schedules, both counted in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..spec import OptimSpec
+
+DECAY_MARKER = "gated_cross_attn_layer"
+
+
+def should_decay(name: str) -> bool:
+    """Weight decay on the gated cross-attention blocks only, as the original (perceiver, tables: none)."""
+    return DECAY_MARKER in name
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups over the trainable parameters; frozen ones never enter the optimizer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if should_decay(name) else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, spec: OptimSpec, *, device_type: str = "cpu", cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW (DeepSpeed's CPU Adam when the optimizer step runs on the host under ZeRO-Offload on a GPU)."""
+    groups = build_param_groups(model, spec.weight_decay)
+    kw = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
+    if cpu_offload and device_type == "cuda":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    fused = spec.fused and device_type == "cuda"
+    return torch.optim.AdamW(groups, fused=fused or None, **kw)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step `s` (HF's constant/linear/cosine with warmup)."""
+
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return s / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`total_steps` is in optimizer steps (accumulation already divided out: the original's bug B5)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total_steps))

@@ -1,0 +1,179 @@
+"""What launch/train.py strings together: argument parsing, step budget, resume, dry-run report, final summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..runtime import Runtime
+from ..spec import RunSpec
+from .checkpoint import CheckpointManager, TrainState, complete_checkpoints, is_complete
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train an OpenFlamingo-style model from a run spec.")
+    p.add_argument("--spec", required=True, help="a launch/specs/*.yaml run spec")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec field (repeatable)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", help="ds_configs/*.json; sets engine.kind=deepspeed")
+    p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved spec, configs, parameter counts, memory plan; exit")
+    p.add_argument("--gpu-memory", "--gpu_memory", default=None, help="per-GPU memory for the dry-run recommendation (e.g. 24GiB)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def load_spec(args: argparse.Namespace) -> RunSpec:
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides += ["engine.kind=deepspeed", f"engine.deepspeed_config={args.deepspeed_config}"]
+    return RunSpec.from_yaml(args.spec, overrides)
+
+
+def maybe_make_demo_data(spec: RunSpec) -> None:
+    if spec.run.demo_data:
+        from ..demo import ensure_demo_data
+
+        ensure_demo_data(spec.run.demo_data)
+
+
+def total_optimizer_steps(spec: RunSpec, micro_steps_per_epoch: int) -> int:
+    from .loop import optimizer_steps_per_epoch
+
+    steps = optimizer_steps_per_epoch(micro_steps_per_epoch, spec.optim.grad_accum_steps) * spec.run.epochs
+    return min(steps, spec.run.max_steps) if spec.run.max_steps else steps
+
+
+def batch_shapes(spec: RunSpec, image_size: int) -> list[dict]:
+    """Padded worst-case micro-batch shapes per dataset (for FLOP counting)."""
+    out = []
+    for d in spec.data.datasets:
+        t = 1 if d.kind == "laion" else d.max_images
+        out.append({"pixel_values": (d.batch_size, t, 3, image_size, image_size), "input_ids": (d.batch_size, d.effective_max_tokens())})
+    return out
+
+
+def step_flops(spec: RunSpec) -> Optional[float]:
+    """FLOPs of one micro-step on one rank, counted on a meta copy of the model; None if counting fails."""
+    try:
+        from ..model import build_flamingo
+        from ..model.flops import count_step_flops
+
+        meta, _, _ = build_flamingo(spec.model, meta=True)
+        size = meta.vision_encoder.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return float(count_step_flops(meta, batch_shapes(spec, int(size))))
+    except Exception as e:  # noqa: BLE001 - the estimate is optional; say why it is missing
+        print(f"[of_ds] FLOP count unavailable ({type(e).__name__}: {e}); MFU will not be logged", flush=True)
+        return None
+
+
+def find_resume_point(spec: RunSpec, checkpoints: CheckpointManager) -> Optional[Path]:
+    """An explicit `checkpoint.resume_from` (step folder, run dir), else the newest complete one in this run."""
+    src = spec.checkpoint.resume_from
+    if src:
+        path = Path(src)
+        if path.is_file():
+            return path  # an original OpenFlamingo checkpoint.pt: loaded into the model before the engine wraps it
+        if is_complete(path):
+            return path
+        for root in (path / "checkpoints", path):
+            found = complete_checkpoints(root)
+            if found:
+                return found[-1]
+        raise FileNotFoundError(f"checkpoint.resume_from: no complete checkpoint (step-*/COMPLETE) under {path}")
+    if spec.checkpoint.resume == "auto":
+        return checkpoints.latest()
+    return None
+
+
+def load_original_checkpoint(model, path: Path) -> None:
+    """Continue from an original OpenFlamingo `checkpoint.pt` (weights only; a fresh optimizer and step 0)."""
+    from ..model.checkpoint_keys import load_openflamingo_state_dict
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    load_openflamingo_state_dict(model, obj, strict=True)
+
+
+def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], spec: RunSpec, runtime: Runtime) -> TrainState:
+    if path is None or path.is_file():
+        return TrainState()
+    state, rank_state = checkpoints.load(engine, path, weights_only=spec.checkpoint.load_weights_only)
+    if spec.checkpoint.load_weights_only:
+        state = TrainState()
+    elif rank_state is not None:
+        data.set_epoch(state.epoch)
+        data.load_state_dict(rank_state["data"])
+    elif runtime.is_main:
+        print(f"[of_ds] {path}: no loader positions for this world size; the data restarts epoch {state.epoch}", flush=True)
+    if runtime.is_main:
+        print(f"[of_ds] resumed from {path} at step {state.step} (epoch {state.epoch})", flush=True)
+    return state
+
+
+def dry_run_report(spec: RunSpec, ds_config: Optional[dict], world_size: int, gpu_memory: Optional[str]) -> str:
+    """Resolved spec and DeepSpeed config, parameter counts, memory plan and recommendation (meta model: no weights)."""
+    from ..engines.memory import estimate, format_table, model_dims, parse_size, recommend
+    from ..model import build_flamingo
+
+    model, _, _ = build_flamingo(spec.model, meta=True)
+    dims = model_dims(model, spec)
+    e = spec.engine
+    stage = e.zero_stage if e.kind == "deepspeed" else (3 if e.kind == "fsdp" else 0)
+    chosen = estimate(dims, spec, world_size, stage, e.offload_optimizer, e.offload_param)
+    lines = ["# resolved spec", spec.to_yaml().rstrip()]
+    if ds_config is not None:
+        lines += ["# resolved DeepSpeed config", json.dumps(ds_config, indent=1)]
+    lines += [
+        f"# parameters: total {dims.total_params:,}, trainable {dims.trainable_params:,} ({100 * dims.trainable_params / dims.total_params:.1f}%), frozen {dims.total_params - dims.trainable_params:,}",
+        f"# memory per GPU, {world_size} rank(s), precision {e.precision} (estimate)",
+        format_table([chosen]),
+    ]
+    if gpu_memory:
+        rec = recommend(dims, spec, world_size, parse_size(gpu_memory))
+        lines += ["# all plans", format_table(rec.considered), "# " + rec.describe()]
+    return "\n".join(lines)
+
+
+def summary(spec: RunSpec, run_dir: Path, checkpoints: CheckpointManager, state: TrainState) -> str:
+    latest = checkpoints.latest()
+    return "\n".join([
+        f"[of_ds] done: {state.step} optimizer steps ({state.skipped_steps} skipped), epoch {state.epoch}",
+        f"[of_ds] run dir:     {run_dir.resolve()}",
+        f"[of_ds] checkpoints: {checkpoints.root.resolve()} (latest: {latest.name if latest else 'none'})",
+        f"[of_ds] metrics:     {(run_dir / 'metrics.jsonl').resolve()}  (plot: tools/plot_run {run_dir})",
+        f"[of_ds] export:      tools/export_checkpoint {run_dir} {run_dir}/export.pt",
+    ])
+
+
+def seed_everything(seed: int) -> None:
+    """The same model init on every rank (ZeRO-3 and DDP expect identical starting weights)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def dry_run_main(spec: RunSpec, args: argparse.Namespace) -> int:
+    """`--dry-run`: no process group, no weights, no data reads beyond the demo tokenizer."""
+    import os
+
+    from ..engines.deepspeed_config import resolve_deepspeed_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    ds_config = None
+    if spec.engine.kind == "deepspeed":
+        ds_config, spec = resolve_deepspeed_config(spec, world)
+    maybe_make_demo_data(spec)
+    print(dry_run_report(spec, ds_config, world, args.gpu_memory), flush=True)
+    return 0

@@ -1,0 +1,136 @@
+"""Bad data is skipped and counted by reason; our own bugs propagate; a loader that only drops stops."""
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from of_ds.data import DataStalledError
+
+from .helpers import (jpeg, laion_members, mmc4_base64_members, mmc4_doc, mmc4_member_members, run_dataset,
+                      write_tar)
+
+
+@pytest.fixture(scope="module")
+def good_doc(photos):
+    return mmc4_doc(["a.", "b."], [photos["rocket"], photos["coffee"]], [[0.3, 0.1], [0.1, 0.3]])
+
+
+def test_every_bad_mmc4_case_is_counted_by_its_reason(tmp_path, tokenizer, photos, good_doc):
+    tiny = jpeg(np.zeros((8, 8, 3), "uint8"))
+    corrupt = photos["coffee"][:2000] + b"\x00" * 12000  # a JPEG header, then garbage: above the size floor
+    bad_b64 = mmc4_base64_members("badb64", good_doc)
+    d = json.loads(bad_b64[0][1])
+    d["image_info"][0]["image_base64"] = "***not base64***"
+    members = [
+        ("invalid.json", b"{not json"),
+        ("nokey.json", json.dumps({"text_list": ["a."], "image_info": []}).encode()),
+        ("badtypes.json", json.dumps({"text_list": [1, 2], "image_info": [], "similarity_matrix": []}).encode()),
+        ("ragged.json", json.dumps({"text_list": ["a.", "b."], "image_info": [{}, {}], "similarity_matrix": [[0.3], [0.1, 0.2]]}).encode()),
+        *mmc4_base64_members("shape", mmc4_doc(["a.", "b."], [photos["rocket"]], [[0.3, 0.1, 0.2]])),
+        *mmc4_base64_members("small", mmc4_doc(["a.", "b."], [tiny], [[0.3, 0.1]])),
+        *mmc4_base64_members("undecodable", mmc4_doc(["a.", "b."], [b"\x89PNG garbage" * 1000], [[0.3, 0.1]])),
+        ("badb64.json", json.dumps(d).encode()),  # image 0 bad: image 1 alone survives (single image, kept)
+        *mmc4_member_members("missing", mmc4_doc(["a.", "b."], [None], [[0.3, 0.1]])),
+        ("onlyimage.000.jpg", photos["rocket"]),  # a document whose JSON member is absent
+        *mmc4_base64_members("truncjpeg", mmc4_doc(["a.", "b."], [corrupt], [[0.3, 0.1]])),
+        *mmc4_base64_members("good", good_doc),
+    ]
+    batches, drops = run_dataset(tmp_path, members, tokenizer, steps=2)
+    assert [b["num_images"].item() for b in batches] == [1, 2]  # badb64's surviving image, then good
+    assert drops == {
+        "invalid_json": 1, "missing_key": 1, "bad_document": 1, "bad_similarity_matrix": 1,
+        "bad_similarity_shape": 1, "image_too_small": 1, "no_images": 3, "image_undecodable": 1,
+        "image_bad_base64": 1, "image_missing": 1, "missing_json": 1, "bad_image": 1,
+    }
+
+
+def test_bad_laion_samples_and_a_truncated_tar_are_counted(tmp_path, tokenizer, photos):
+    good = [*laion_members("ok1", photos["coffee"], "a cup"), *laion_members("ok2", photos["rocket"], "a rocket")]
+    bad = [
+        *laion_members("noimg", None, "a caption"),
+        *laion_members("nocap", photos["coffee"], None),
+        *laion_members("empty", photos["coffee"], "   "),
+        *laion_members("garbage", b"not an image at all", "a caption"),
+        ("latin.txt", "caf\xe9".encode("latin-1")), ("latin.jpg", photos["coffee"]),
+    ]
+    shard = write_tar(tmp_path / "whole.tar", bad + good)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) - 40_000])  # cuts into the last image
+    from of_ds.data import build_train_data
+
+    from .helpers import IMAGE_SPEC, RUNTIME, make_spec
+
+    spec = make_spec(dict(name="d", kind="laion", shards=[str(truncated), str(shard)], batch_size=2,
+                          samples_per_epoch=2, shuffle_buffer=0, shuffle_initial=0))
+    data = build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)
+    batches = [b["d"] for b in data]
+    assert len(batches) == 1
+    drops = data.drop_counts()["d"]
+    assert drops.pop("tar_corrupt") == 1
+    # the shard order is a seeded permutation: the bad samples are met once or twice depending on it
+    assert set(drops) == {"missing_image", "missing_caption", "empty_caption", "bad_image", "bad_caption"}
+    assert len(set(drops.values())) == 1
+
+
+def test_an_unopenable_command_shard_is_counted_and_named(tmp_path, tokenizer, photos, caplog):
+    good = write_tar(tmp_path / "good.tar", laion_members("ok", photos["coffee"], "a cup"))
+    from of_ds.data import build_train_data
+
+    from .helpers import IMAGE_SPEC, RUNTIME, make_spec
+
+    spec = make_spec(dict(name="d", kind="laion", shards=["pipe:cat /nonexistent/shard-0042.tar", str(good)],
+                          batch_size=1, samples_per_epoch=1, shuffle_buffer=0, shuffle_initial=0))
+    data = build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)
+    with caplog.at_level("WARNING"):
+        batches = list(data)
+    assert len(batches) == 1
+    assert data.drop_counts()["d"] in ({"shard_open_failed": 1}, {})  # met before or after the good shard
+    if data.drop_counts()["d"]:
+        assert "shard-0042.tar" in caplog.text
+
+
+def test_a_loader_that_drops_everything_stops_naming_the_dataset_and_reasons(tmp_path, tokenizer, photos):
+    low = mmc4_doc(["a.", "b."], [photos["rocket"]], [[0.1, 0.2]])
+    with pytest.raises(DataStalledError, match=r"dataset 'd'.*no_images_above_threshold=20"):
+        run_dataset(tmp_path, mmc4_base64_members("low", low), tokenizer, max_consecutive_drops=20)
+
+
+def test_the_original_threshold_of_30_is_refused_by_the_spec():
+    from of_ds.spec import SpecError
+
+    from .helpers import make_spec
+
+    with pytest.raises(SpecError, match="sim_threshold"):
+        make_spec(dict(name="d", kind="mmc4", shards="x.tar", batch_size=1, sim_threshold=30))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_our_own_bugs_propagate_instead_of_being_counted(tmp_path, tokenizer, photos, workers):
+    """A broken image config (std is None) is a TypeError in our code: it must reach the caller, also from workers."""
+    from of_ds.data import build_train_data
+
+    from .helpers import IMAGE_SPEC, RUNTIME, make_spec
+
+    shard = write_tar(tmp_path / "s.tar", laion_members("ok", photos["coffee"], "a cup"))
+    spec = make_spec(dict(name="d", kind="laion", shards=str(shard), batch_size=1, samples_per_epoch=1, workers=workers))
+    data = build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)
+    data.plans[0].make_batcher.args[1].lut = None  # a bug: the lookup table is gone
+    with pytest.raises(TypeError):
+        list(data)
+
+
+def test_missing_shards_and_sizes_are_reported_by_field_and_file(tmp_path, tokenizer):
+    from of_ds.data import build_train_data
+
+    from .helpers import IMAGE_SPEC, RUNTIME, make_spec
+
+    spec = make_spec(dict(name="laion", kind="laion", shards=str(tmp_path / "shard-{0..2}.tar"), batch_size=1,
+                          samples_per_epoch=1))
+    with pytest.raises(FileNotFoundError, match=r"data\.datasets\.laion\.shards: 3 shard\(s\) not found: .*shard-0\.tar"):
+        build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)
+    write_tar(tmp_path / "shard-0.tar", [])
+    spec = make_spec(dict(name="laion", kind="laion", shards=str(tmp_path / "shard-0.tar"), batch_size=1))
+    with pytest.raises(FileNotFoundError, match=r"samples_per_epoch.*sizes\.json"):
+        build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)

@@ -1,0 +1,95 @@
+"""The demo dataset: deterministic, readable, and shaped so the loaders' rules keep the right images and pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from of_ds.demo import ensure_demo_data
+
+REPO = Path(__file__).resolve().parents[2]
+TIMING = ("seconds", "images_per_second")
+
+
+def digest(root: Path) -> dict[str, str]:
+    """sha256 of every file but the converter's private state and the report's timings."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or rel.startswith("mmc4/.convert/"):
+            continue
+        data = p.read_bytes()
+        if rel == "mmc4/convert_report.json":
+            data = json.dumps({k: v for k, v in json.loads(data).items() if k not in TIMING}).encode()
+        out[rel] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo_data")
+
+
+def test_layout_and_contents(demo):
+    assert (demo / "DONE").is_file()
+    for kind in ("laion", "mmc4"):
+        sizes = json.loads((demo / kind / "sizes.json").read_text())
+        assert sorted(sizes) == [f"{i:06d}.tar" for i in range(4)]
+    laion = tarfile.open(demo / "laion/000000.tar")
+    names = laion.getnames()
+    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"] and len(names) == 3 * 64
+    report = json.loads((demo / "mmc4/convert_report.json").read_text())
+    assert report["documents_written"] == report["documents_read"] == 160 and report["images_found"] == report["images_referenced"]
+    jpegs, distinct = 0, set()
+    for kind in ("laion", "mmc4"):
+        for shard in sorted((demo / kind).glob("*.tar")):
+            with tarfile.open(shard) as tf:
+                for m in tf.getmembers():
+                    if m.name.endswith(".jpg"):
+                        data = tf.extractfile(m).read()
+                        assert len(data) > 10_000, m.name  # survives the loader's min_image_bytes
+                        assert min(Image.open(io.BytesIO(data)).size) >= 256
+                        distinct.add(hashlib.sha256(data).hexdigest())
+                        jpegs += 1
+    assert jpegs == 256 + report["images_found"] and len(distinct) == jpegs
+
+
+def test_similarities_pick_each_images_caption(demo):
+    with tarfile.open(demo / "mmc4/000001.tar") as tf:
+        docs = [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
+    assert len(docs) == 40 and {len(d["image_info"]) for d in docs} == {1, 2, 3, 4}
+    for d in docs:
+        for info, row in zip(d["image_info"], d["similarity_matrix"]):
+            above = [j for j, s in enumerate(row) if s >= 0.24]
+            assert above == [info["matched_text_index"]]  # the recipe's threshold keeps exactly the caption
+            assert len(row) == len(d["text_list"]) and "member" in info
+
+
+def test_tokenizer_loads_with_flamingo_tokens(demo):
+    from of_ds.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(demo / "tokenizer"), offline=True)
+    assert 600 <= len(tok) <= 1010  # BPE stops early once the small corpus has no merges left
+    ids = tok("<image>an astronaut in a white space suit<|endofchunk|>")["input_ids"]
+    assert tok.convert_tokens_to_ids("<image>") in ids and len(ids) < 20  # BPE learned the captions' words
+
+
+@pytest.mark.slow
+def test_two_ranks_regenerate_a_partial_dir_identically(demo, tmp_path):
+    target = tmp_path / "demo_data"
+    (target / "laion").mkdir(parents=True)
+    (target / "laion/000000.tar").write_bytes(b"half written")  # a killed earlier run: no DONE
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from of_ds.demo import ensure_demo_data; ensure_demo_data({str(target)!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
+    assert digest(target) == digest(demo)
+    assert len(digest(demo)) > 400

@@ -1,0 +1,113 @@
+"""Activation checkpointing, generation with cached media, and FLOP counting."""
+
+import pytest
+import torch
+
+from of_ds.model.build import build_flamingo
+from of_ds.model.flops import count_step_flops, forward_flops_by_part
+
+from .conftest import build_tiny, encode, open_gates, tiny_spec
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_activation_checkpointing_same_loss_and_grads(tiny_tokenizer_dir, family):
+    model, _, tok = build_tiny(tiny_tokenizer_dir, family)
+    open_gates(model)
+    model.train()
+    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|><image>a dog runs<|endofchunk|>", "<image>a cup<|endofchunk|>"])
+    px = torch.randn(2, 2, 3, 32, 32)
+    num_images = torch.tensor([2, 1])
+
+    def run(enabled: bool):
+        model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(enabled)
+        recomputed = []
+        hooks = [b.register_forward_hook(lambda *a: recomputed.append(1)) for b in model.cross_attention_blocks()]
+        torch.manual_seed(0)  # gpt2 has dropout in train mode: same masks in both runs (recomputation restores RNG)
+        loss = model(px, ids, mask, labels=ids, num_images=num_images).loss
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, len(recomputed)
+
+    loss0, grads0, calls0 = run(False)
+    loss1, grads1, calls1 = run(True)
+    n_blocks = len(model.cross_attention_blocks())
+    assert (calls0, calls1) == (n_blocks, 2 * n_blocks)  # the blocks really ran again in backward
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and grads0
+    for n in grads0:
+        assert torch.allclose(grads0[n], grads1[n], atol=1e-6, rtol=1e-5), n
+    model.set_activation_checkpointing(False)
+
+
+def sequence_logprob(model, px, ids, prompt_len):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(px, ids, torch.ones_like(ids)).logits.float(), -1)
+    gen = ids[:, prompt_len:]
+    return logp[:, prompt_len - 1 : -1].gather(-1, gen[..., None]).sum().item()
+
+
+def test_greedy_generation_matches_full_forward_and_stops_at_eos(llama):
+    model, tok = llama
+    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|><image>a"])
+    px = torch.randn(1, 2, 3, 32, 32)
+    out = model.generate(px, ids, mask, max_new_tokens=6, eos_token_id=-1)
+    assert out.shape == (1, ids.shape[1] + 6) and torch.equal(out[:, : ids.shape[1]], ids)
+    # the cached decode equals argmax of an uncached forward over the whole sequence (new tokens see image 2)
+    with torch.no_grad():
+        full = model(px, out, torch.ones_like(out)).logits
+    assert torch.equal(full[0, ids.shape[1] - 1 : -1].argmax(-1), out[0, ids.shape[1] :])
+    # stopping: make the 3rd generated token the eos
+    eos = int(out[0, ids.shape[1] + 2])
+    stopped = model.generate(px, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    new = stopped[0, ids.shape[1] :].tolist()
+    assert new[-1] == eos and len(new) == new.index(eos) + 1 <= 3
+    # default eos is <|endofchunk|>; greedy never runs past max_new_tokens
+    assert model.generate(px, ids, mask, max_new_tokens=4).shape[1] <= ids.shape[1] + 4
+
+
+def test_batched_left_padded_generation_matches_single(llama):
+    model, tok = llama
+    tok.padding_side = "left"
+    try:
+        ids, mask = encode(tok, ["<image>a photo of a cat sitting", "<image>a"])
+    finally:
+        tok.padding_side = "right"
+    px = torch.randn(2, 1, 3, 32, 32)
+    batched = model.generate(px, ids, mask, max_new_tokens=4, eos_token_id=-1)
+    single = model.generate(px[1:], ids[1:, mask[1].bool()], max_new_tokens=4, eos_token_id=-1)
+    assert torch.equal(batched[1, ids.shape[1] :], single[0, -4:])
+
+
+def test_beam_search_finds_at_least_the_greedy_score(llama):
+    model, tok = llama
+    ids, mask = encode(tok, ["<image>a photo of"])
+    px = torch.randn(1, 1, 3, 32, 32)
+    greedy = model.generate(px, ids, mask, max_new_tokens=5, eos_token_id=-1)
+    beam = model.generate(px, ids, mask, max_new_tokens=5, num_beams=4, eos_token_id=-1)
+    assert beam.shape == greedy.shape
+    n = ids.shape[1]
+    assert sequence_logprob(model, px, beam, n) >= sequence_logprob(model, px, greedy, n) - 1e-4
+    beams2 = model.generate(px.expand(2, -1, -1, -1, -1), ids.expand(2, -1), mask.expand(2, -1), max_new_tokens=5, num_beams=4, eos_token_id=-1)
+    assert torch.equal(beams2[0], beam[0]) and torch.equal(beams2[1], beam[0])
+
+
+def test_flops_meta_equals_real_and_scale_with_batch(tiny_tokenizer_dir):
+    real, _, _ = build_tiny(tiny_tokenizer_dir, "llama")
+    meta, _, _ = build_flamingo(tiny_spec(tiny_tokenizer_dir, "llama"), meta=True)
+    shapes = [{"pixel_values": (2, 3, 3, 32, 32), "input_ids": (2, 24)}, {"pixel_values": (4, 1, 3, 32, 32), "input_ids": (4, 8)}]
+    f_real, f_meta = count_step_flops(real, shapes), count_step_flops(meta, shapes)
+    assert f_real == f_meta > 0
+    assert all(p.grad is None for p in real.parameters())
+    double = [{k: (2 * v[0],) + tuple(v[1:]) for k, v in s.items()} for s in shapes]
+    assert count_step_flops(meta, double) == 2 * f_meta
+    parts = forward_flops_by_part(meta, shapes)
+    assert parts == forward_flops_by_part(real, shapes)
+    assert all(v > 0 for v in parts.values()) and sum(parts.values()) == 2 * parts["total"]
+    # the LM head: 2 * tokens * hidden * vocab (LM matrix + new-token table)
+    tokens = 2 * 24 + 4 * 8
+    assert parts["lm_head"] == 2 * tokens * real.lang_dim * (real.new_tokens.base_vocab_size + len(real.token_ids.new))
+    # backward costs about twice the trainable parts' forward (frozen tower: forward only), so the step is < 3x forward
+    assert 2 * parts["total"] < f_meta < 3 * parts["total"]

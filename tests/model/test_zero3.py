@@ -1,0 +1,26 @@
+"""The decoupled new-token tables train under DeepSpeed ZeRO-3 on 2 CPU ranks (DeepSpeed issue 5041 avoided)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_zero3_trains_new_token_tables_and_keeps_lm_frozen(tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "facts.json"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    job = Path(__file__).with_name("zero3_job.py")
+    cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", "29517", str(job), tiny_tokenizer_dir, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    facts = json.loads(out.read_text())
+    assert facts["partitioned"]
+    assert facts["table_changed"] and facts["head_changed"]
+    assert facts["embed_unchanged"] and facts["lm_head_unchanged"]
+    assert all(l == l for l in facts["losses"]) and facts["losses"][-1] < facts["losses"][0]
+    assert facts["export_keys"] > 0

@@ -1,0 +1,68 @@
+"""Run by test_zero3.py under `deepspeed --num_gpus 2`: ZeRO-3 training of a tiny Flamingo, facts -> JSON.
+
+argv: TOKENIZER_DIR OUT_JSON
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import deepspeed  # noqa: E402
+
+from model.conftest import build_tiny, encode, open_gates  # noqa: E402
+from of_ds.model.checkpoint_keys import to_openflamingo_state_dict  # noqa: E402
+
+
+def main() -> None:
+    tok_dir, out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    model, _, tok = build_tiny(tok_dir, "llama", seed=0)
+    open_gates(model)
+    model.train()
+    before = {
+        "table": model.new_tokens.input.weight.detach().clone(),
+        "head": model.new_tokens.output.weight.detach().clone(),
+        "embed": model.lang_encoder.get_input_embeddings().weight.detach().clone(),
+        "lm_head": model.lang_encoder.get_output_embeddings().weight.detach().clone(),
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": 1.0,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-2), config=config)
+    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|><image>a dog", "<image>a cup of coffee<|endofchunk|>"])
+    torch.manual_seed(rank)
+    px = torch.randn(2, 2, 3, 32, 32)
+    losses = []
+    for _ in range(3):
+        loss = engine(px, ids, mask, labels=ids, num_images=torch.tensor([2, 1])).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    m = engine.module
+    with deepspeed.zero.GatheredParameters(list(m.parameters()), modifier_rank=None):
+        facts = {
+            "losses": losses,
+            "partitioned": hasattr(m.new_tokens.input.weight, "ds_id"),
+            "table_changed": not torch.equal(m.new_tokens.input.weight.detach(), before["table"]),
+            "head_changed": not torch.equal(m.new_tokens.output.weight.detach(), before["head"]),
+            "embed_unchanged": torch.equal(m.lang_encoder.get_input_embeddings().weight.detach(), before["embed"]),
+            "lm_head_unchanged": torch.equal(m.lang_encoder.get_output_embeddings().weight.detach(), before["lm_head"]),
+            "export_keys": len(to_openflamingo_state_dict(m)),
+        }
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(facts, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Multi-node launcher tests on a loopback "cluster"."""

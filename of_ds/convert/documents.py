@@ -11,12 +11,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from of_ds.convert.images import DECODE_ERRORS, check_decodes, reencode_like_original, resize_to_max_side, sniff_ext
+from of_ds.convert.images import (
+    DECODE_ERRORS,
+    check_decodes,
+    check_structure,
+    reencode_like_original,
+    resize_to_max_side,
+    sniff_ext,
+)
 from of_ds.convert.report import Counts
 
 Member = tuple[str, bytes]  # (suffix after the key, data)
@@ -28,7 +36,7 @@ URL_HASH_EXTS = ("", ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 class ImagePolicy:
     min_bytes: int = 0  # images of at most this many bytes are skipped as too small
     resize_max_side: int | None = None
-    verify: bool = True  # decode-check every image (JPEG at 1/8 scale)
+    verify: str = "quick"  # quick: magic, header and end marker; decode: also decode (JPEG at 1/8 scale); none
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,13 @@ def load_image(path: Path | None, policy: ImagePolicy, counts: Counts) -> Found 
     ext = sniff_ext(data)
     if ext is None:
         return NotUsed("corrupt", "not a known image format")
-    if policy.verify:
+    why = None
+    if policy.verify in ("quick", "decode"):
+        why = check_structure(data, ext)
+    if why is None and policy.verify == "decode":
         why = check_decodes(data, ext)
-        if why:
-            return NotUsed("corrupt", why)
+    if why:
+        return NotUsed("corrupt", why)
     if policy.resize_max_side:
         try:
             small = resize_to_max_side(data, policy.resize_max_side)
@@ -94,7 +105,7 @@ def safe_image_path(directory: Path, name: object) -> Path | None:
 # --------------------------------------------------------------------------------------------------- MMC4
 def mmc4_problem(doc: object) -> str | None:
     """The skip reason for a document the loader could not use, or None. A similarity matrix must be
-    [len(image_info)][len(text_list)] numbers: the loader pairs images with sentences through it, so a document
+    [len(image_info)][len(text_list)] finite numbers: the loader pairs images with sentences through it, so a document
     with any other shape is skipped (`bad_similarity_matrix`) rather than written with pairs that mean nothing."""
     if not isinstance(doc, dict):
         return "bad_schema"
@@ -109,7 +120,7 @@ def mmc4_problem(doc: object) -> str | None:
     for row in sim:
         if not isinstance(row, list) or len(row) != len(texts):
             return "bad_similarity_matrix"
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
             return "bad_similarity_matrix"
     return None
 

@@ -32,6 +32,30 @@ def sniff_ext(data: bytes) -> str | None:
     return None
 
 
+def check_structure(data: bytes, ext: str) -> str | None:
+    """None if `data` has a parseable header and is complete, else a short reason. Costs microseconds: catches
+    HTML error pages saved as images (no magic), truncated downloads (no end marker) and broken headers; damage
+    inside the compressed data is left to `check_decodes` (or the loader, which drops and counts such images)."""
+    if ext == "jpg":
+        last_scan = data.rfind(b"\xff\xda")  # an EXIF thumbnail's end marker comes before the main image's scans
+        if last_scan < 0 or data.rfind(b"\xff\xd9") < last_scan:
+            return "truncated: no JPEG end marker after the last scan"
+    elif ext == "png" and data.rfind(b"IEND\xaeB`\x82") < 0:
+        return "truncated: no PNG IEND chunk"
+    elif ext == "webp" and int.from_bytes(data[4:8], "little") + 8 > len(data):
+        return "truncated: shorter than its RIFF header says"
+    elif ext == "gif" and not data.rstrip(b"\x00").endswith(b";"):
+        return "truncated: no GIF trailer"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"[:200]
+    if w < 1 or h < 1:
+        return f"empty image {w}x{h}"
+    return None
+
+
 def check_decodes(data: bytes, ext: str) -> str | None:
     """None if `data` decodes, else a short reason. JPEGs decode at 1/8 scale (DCT scaling): every entropy-coded
     byte is still read, so truncation and corruption are caught at a fraction of a full decode's cost."""

@@ -71,7 +71,8 @@ def format_report(report: dict) -> str:
         f"{report['images_too_small']} too small, {report['images_resized']} resized",
         f"bytes: {report['bytes_in']:,} in, {report['bytes_out']:,} out",
         f"shards: {report['shards_total']} ({report['shards_converted']} converted now, {report['shards_resumed']} already done)",
-        f"time: {report['seconds']:.1f} s ({report['images_per_second']:.0f} images/s this run)",
+        f"time: {report['seconds']:.1f} s ({report['images_per_second']:.0f} images/s this run, "
+        f"{report['shard_cpu_seconds']:.1f} CPU s in workers)",
     ]
     if report["zips_failed"]:
         lines.append(f"unreadable input shards ({len(report['zips_failed'])}):")

@@ -53,12 +53,12 @@ class ConvertOptions:
     resize_max_side: int | None = None
     min_image_bytes: int = 0
     image_layout: Literal["auto", "number", "position", "flat"] = "auto"
-    verify_images: bool = True
+    verify: Literal["quick", "decode", "none"] = "quick"
     workers: int = 1
     progress: bool = True
 
     def policy(self) -> ImagePolicy:
-        return ImagePolicy(self.min_image_bytes, self.resize_max_side, self.verify_images)
+        return ImagePolicy(self.min_image_bytes, self.resize_max_side, self.verify)
 
 
 def convert(opts: ConvertOptions) -> dict:
@@ -71,12 +71,12 @@ def convert(opts: ConvertOptions) -> dict:
     state.mkdir(parents=True, exist_ok=True)
     inputs = expand_inputs(opts.inputs)
     layout = "flat" if opts.chatgpt else choose_image_layout(Path(opts.image_dir), inputs, opts.image_layout)
-    _check_same_options(out, opts, layout, [s.path for s in inputs])
+    fingerprint = input_fingerprint(inputs)
+    _check_same_options(out, opts, layout, fingerprint)
     for stale in state.glob("*.partial"):
         stale.unlink()
 
     with _pool(opts.workers) as pool:
-        fingerprint = input_fingerprint(inputs)
         doc_counts = load_cached_counts(state / "doc_counts.json", fingerprint)
         if doc_counts is None:
             doc_counts = list(_map(pool, count_documents, [s.path for s in inputs]))
@@ -85,9 +85,10 @@ def convert(opts: ConvertOptions) -> dict:
         todo = [t for t in plan if not _is_done(out, t)]
         work = partial(convert_shard, opts=opts, layout=layout)
         bar = _progress(opts, total=len(plan), initial=len(plan) - len(todo))
-        images_now = 0
+        images_now, cpu_now = 0, 0.0
         for record in _map(pool, work, todo, ordered=False):
             images_now += record["counts"]["images_referenced"]
+            cpu_now += record["cpu_seconds"]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(images_per_s=f"{images_now / (time.perf_counter() - t0):.0f}")
@@ -95,13 +96,21 @@ def convert(opts: ConvertOptions) -> dict:
             bar.close()
 
     failed = {s.path: n for s, n in zip(inputs, doc_counts) if isinstance(n, str)}
-    report = finalize(out, plan, failed, seconds=time.perf_counter() - t0, converted=len(todo), images_now=images_now)
+    seconds = time.perf_counter() - t0
+    report = finalize(out, plan, failed, {
+        "shards_converted": len(todo),
+        "shards_resumed": len(plan) - len(todo),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images_now / seconds, 1),  # images looked at by this run
+        "shard_cpu_seconds": round(cpu_now, 3),  # CPU time inside this run's shard conversions, all workers
+    })
     print(format_report(report), file=sys.stderr)
     return report
 
 
 def convert_shard(task: ShardTask, opts: ConvertOptions, layout: str) -> dict:
     """Write one output shard and its done record; returns the record."""
+    cpu0 = time.process_time()
     out = Path(opts.output_dir)
     counts = Counts()
     policy = opts.policy()
@@ -129,14 +138,16 @@ def convert_shard(task: ShardTask, opts: ConvertOptions, layout: str) -> dict:
         "shard": task.name,
         "sources": [[sl.source.path, sl.start, sl.stop] for sl in task.slices],
         "counts": counts.to_dict(),
+        "cpu_seconds": round(time.process_time() - cpu0, 3),
     }
     os.replace(partial_path, out / task.name)
     _write_json(out / STATE_DIR / f"{task.index:06d}.done.json", record)
     return record
 
 
-def finalize(out: Path, plan: list[ShardTask], failed: dict[str, str], seconds: float, converted: int, images_now: int) -> dict:
-    """Sum the done records into `sizes.json`, `shards.json` and `convert_report.json`; returns the report."""
+def finalize(out: Path, plan: list[ShardTask], failed: dict[str, str], this_run: dict) -> dict:
+    """Sum the done records into `sizes.json`, `shards.json` and `convert_report.json` (with `this_run`'s
+    timings appended); returns the report."""
     total = Counts()
     sizes, shards = {}, {}
     for task in plan:
@@ -145,14 +156,7 @@ def finalize(out: Path, plan: list[ShardTask], failed: dict[str, str], seconds: 
         sizes[task.name] = c.documents_written
         shards[task.name] = {"documents": c.documents_written, "images": c.images_written, "bytes": c.bytes_out}
     check_adds_up(total)
-    report = total.to_dict() | {
-        "zips_failed": dict(sorted(failed.items())),
-        "shards_total": len(plan),
-        "shards_converted": converted,
-        "shards_resumed": len(plan) - converted,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(images_now / seconds, 1) if seconds > 0 else 0.0,
-    }
+    report = total.to_dict() | {"zips_failed": dict(sorted(failed.items())), "shards_total": len(plan)} | this_run
     _write_json(out / "sizes.json", sizes)
     _write_json(out / "shards.json", shards)
     _write_json(out / "convert_report.json", report)
@@ -174,16 +178,18 @@ def _validate(opts: ConvertOptions) -> None:
         problems.append(f"--min-image-bytes: must be >= 0, got {opts.min_image_bytes}")
     if opts.format not in ("members", "base64-json"):
         problems.append(f"--format: members or base64-json, got {opts.format!r}")
+    if opts.verify not in ("quick", "decode", "none"):
+        problems.append(f"--verify: quick, decode or none, got {opts.verify!r}")
     if opts.image_layout not in ("auto", "number", "position", "flat"):
         problems.append(f"--image-layout: auto, number, position or flat, got {opts.image_layout!r}")
     if problems:
         raise ConvertError("; ".join(problems))
 
 
-def _check_same_options(out: Path, opts: ConvertOptions, layout: str, paths: list[str]) -> None:
-    """Refuse to mix shards made with different settings in one output directory."""
+def _check_same_options(out: Path, opts: ConvertOptions, layout: str, fingerprint: list[list]) -> None:
+    """Refuse to mix shards made with different settings, or from changed inputs, in one output directory."""
     current = {k: v for k, v in asdict(opts).items() if k not in ("workers", "progress", "output_dir")}
-    current |= {"image_layout_resolved": layout, "input_paths": paths}
+    current |= {"image_layout_resolved": layout, "inputs_path_size_mtime": fingerprint}
     path = out / STATE_DIR / "options.json"
     if path.is_file():
         before = json.loads(path.read_text())

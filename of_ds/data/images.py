@@ -100,8 +100,8 @@ class ImageTransform:
         w, h = img.size
         new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
         top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
-        if self.draft and img.format == "JPEG" and min(w, h) >= 4 * s:
-            img.draft("RGB", (2 * s, 2 * s))
+        if self.draft and img.format == "JPEG" and min(w, h) >= 2 * s:
+            img.draft("RGB", (s, s))  # libjpeg scales by 1/2, 1/4 or 1/8, keeping both sides >= s
         if img.size != (w, h):  # drafted: resample only the crop window of the reduced image
             fx, fy = img.size[0] / new_w, img.size[1] / new_h
             box = (left * fx, top * fy, (left + s) * fx, (top + s) * fy)

@@ -66,7 +66,8 @@ class Metrics:
             if spec.logging.progress_bar:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_steps, desc=spec.run.name, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+                self.bar = tqdm(total=total_steps, desc=spec.run.name, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+                                disable=not sys.stderr.isatty())  # no bar frames in log files
             self.wandb = _start_wandb(spec, run_dir)
         self._reset_window()
         self.start_time = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -41,16 +40,20 @@ def mmc4_bad(tmp_path_factory) -> dict:
             b"",  # a blank line is no document
             json.dumps(make_doc(1, ["missing1.jpg", "missing2.jpg"], "all-missing")).encode(),
         ],
-        2: [json.dumps(good(2, k)).encode() for k in range(2)] + [json.dumps(["not", "a", "doc"]).encode()],
+        2: [json.dumps(good(2, k)).encode() for k in range(2)]
+        + [
+            json.dumps(["not", "a", "doc"]).encode(),
+            json.dumps({**make_doc(2, ["rocket.jpg"], "nan"), "similarity_matrix": [[float("nan"), 0.3]]}).encode(),
+        ],
     }
     for shard, ls in lines.items():
         write_zip(zips / f"docs_shard_{shard}_v2.jsonl.zip", ls)
     whole = (zips / "docs_shard_0_v2.jsonl.zip").read_bytes()
     (zips / "docs_shard_3_v2.jsonl.zip").write_bytes(whole[: len(whole) // 2])  # truncated download
     expected = {
-        "documents_read": 6 + 6 + 3,
+        "documents_read": 6 + 6 + 4,
         "documents_written": 5 + 5 + 2,
-        "documents_skipped": {"bad_json": 1, "bad_similarity_matrix": 1, "bad_schema": 1},
+        "documents_skipped": {"bad_json": 1, "bad_similarity_matrix": 2, "bad_schema": 1},
         "documents_without_images": 1,
         "images_referenced": 8 + 3 + 6 + 3 + 2 + 4,
         "images_found": 8 + 1 + 6 + 1 + 4,

@@ -16,7 +16,7 @@ from PIL import Image
 from of_ds.demo import ensure_demo_data
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING = ("seconds", "images_per_second")
+TIMING = ("seconds", "images_per_second", "shard_cpu_seconds")
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -1,0 +1,83 @@
+"""`tools/bench_data`: samples/s of one dataset's loader on real shards, as one JSON line.
+
+    tools/bench_data --kind laion --shards 'data/laion/{000000..000009}.tar' --tokenizer DIR \\
+        --vision ViT-L-14 --batch-size 64 --workers 4 --batches 20
+
+The first batch is a warm-up (worker start, shuffle buffer fill) and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+
+from ..spec import RunSpec
+
+
+def vision_image_config(name: str) -> dict:
+    """The eval-transform numbers of an open_clip model, from its config (no weights are created)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise SystemExit(f"--vision: unknown open_clip model '{name}'")
+    vision = cfg["vision_cfg"]
+    pp = merge_preprocess_dict(PreprocessCfg(size=vision.get("image_size", 224)), cfg.get("preprocess_cfg", {}))
+    size = pp["size"]
+    return {"image_size": (size, size) if isinstance(size, int) else tuple(size), "mean": pp["mean"], "std": pp["std"],
+            "interpolation": pp["interpolation"], "resize_mode": pp["resize_mode"]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench_data", description=__doc__.splitlines()[0])
+    p.add_argument("--kind", choices=["laion", "mmc4", "chatgpt"], required=True)
+    p.add_argument("--shards", required=True, help="brace pattern, glob or pipe: command")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer dir (the Flamingo tokens are added)")
+    p.add_argument("--vision", default="ViT-L-14", help="open_clip model whose eval transform to use")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batches", type=int, default=20, help="timed batches (after one warm-up batch)")
+    p.add_argument("--no-draft", action="store_true", help="exact open_clip transform (no reduced-size JPEG decoding)")
+    p.add_argument("--sim-threshold", type=float, default=0.24)
+    p.add_argument("--shuffle-buffer", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from ..model.tokenizer import load_tokenizer
+    from . import build_train_data
+
+    dataset = {
+        "name": args.kind, "kind": args.kind, "shards": args.shards, "batch_size": args.batch_size,
+        "workers": args.workers, "resampled": True, "samples_per_epoch": (args.batches + 1) * args.batch_size,
+        "shuffle_buffer": args.shuffle_buffer, "shuffle_initial": min(1000, args.shuffle_buffer),
+        "sim_threshold": args.sim_threshold, "decode_draft": not args.no_draft,
+    }
+    spec = RunSpec.from_dict({"data": {"datasets": [dataset]}, "run": {"seed": args.seed}})
+    runtime = types.SimpleNamespace(rank=0, world_size=1, local_rank=0)
+    data = build_train_data(spec, load_tokenizer(args.tokenizer, offline=True), vision_image_config(args.vision), runtime)
+    started = time.perf_counter()
+    iterator = iter(data)
+    next(iterator)  # warm-up
+    first = time.perf_counter()
+    batches = sum(1 for _ in iterator)
+    seconds = time.perf_counter() - first
+    samples = batches * args.batch_size
+    print(json.dumps({
+        "kind": args.kind, "samples_per_s": round(samples / seconds, 2) if seconds else None,
+        "samples_per_s_per_worker": round(samples / seconds / max(1, args.workers), 2) if seconds else None,
+        "samples": samples, "seconds": round(seconds, 3), "warmup_seconds": round(first - started, 3),
+        "batch_size": args.batch_size, "workers": args.workers, "draft": not args.no_draft,
+        "drops": data.drop_counts()[args.kind],
+    }))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Images match open_clip's own val transform: exactly without draft decoding, within stated bounds with it."""
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from of_ds.data.images import ImageSpec, ImageTransform
+
+from .helpers import OPENAI_MEAN, OPENAI_STD, jpeg, photo_arrays
+
+LEVEL = 1 / 255 / min(OPENAI_STD)  # one 8-bit level in normalised units (the largest of the three channels)
+
+
+def _reference(data: bytes, size: int) -> np.ndarray:
+    """open_clip's transform on the RGB image, as the original trainer applies it."""
+    transform = open_clip.image_transform(size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+    return transform(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+
+
+def _ours(data: bytes, size: int, draft: bool, flip: bool = False) -> np.ndarray:
+    out = np.empty((3, size, size), dtype=np.float32)
+    ImageTransform(ImageSpec((size, size), OPENAI_MEAN, OPENAI_STD), draft=draft)(data, out, flip)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Photos at several sizes and formats (PNG and WebP never use draft decoding)."""
+    arrays = photo_arrays()
+    out = {f"{n}@{s}": jpeg(a, scale=s) for n, a in arrays.items() for s in (0.5, 1.0, 2.0)}
+    out["rocket.png"] = jpeg(arrays["rocket"], fmt="PNG")
+    out["coffee.webp"] = jpeg(arrays["coffee"], fmt="WEBP")
+    gray = io.BytesIO()
+    Image.fromarray(arrays["camera"][..., 0]).save(gray, "JPEG")
+    out["camera-gray"] = gray.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_without_draft_images_are_bit_identical_to_open_clip(images, size):
+    for name, data in images.items():
+        assert np.array_equal(_ours(data, size, draft=False), _reference(data, size)), name
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_draft_decoding_stays_within_the_stated_tolerance(images, size):
+    """Per drafted image, in 8-bit levels of the output: mean |diff| <= 1.5 (<= 1 at 224 px), 99th percentile <= 20,
+    max <= 64 (single pixels at sharp edges). JPEG q90 re-encoding alone moves pixels by about as much.
+    Images that are not drafted (not JPEG, or shortest side < 4x the output) are bit-identical."""
+    drafted = 0
+    for name, data in images.items():
+        diff = np.abs(_ours(data, size, draft=True) - _reference(data, size)) / LEVEL
+        img = Image.open(io.BytesIO(data))
+        if img.format != "JPEG" or min(img.size) < 4 * size:
+            assert diff.max() == 0, name
+            continue
+        drafted += 1
+        assert diff.mean() <= (1.0 if size == 224 else 1.5), (name, diff.mean())
+        assert np.percentile(diff, 99) <= 20 and diff.max() <= 64, (name, np.percentile(diff, 99), diff.max())
+    assert drafted >= (12 if size == 64 else 3)
+
+
+def test_flip_is_the_mirrored_transform(images):
+    data = images["astronaut@1.0"]
+    assert np.array_equal(_ours(data, 64, draft=False, flip=True), _reference(data, 64)[:, :, ::-1])
+    assert torch.equal(torch.from_numpy(_ours(data, 64, draft=False, flip=True)),
+                       torch.flip(torch.from_numpy(_reference(data, 64)), dims=[2]))

@@ -1,0 +1,85 @@
+"""Our Flamingo against the original OpenFlamingo code (main branch), run side by side on the same weights.
+
+The original's `open_flamingo/src` is read at test time from a local git mirror (`OF_ORIGINAL_MIRROR`, default
+the session's fetch of github:mlfoundations/open_flamingo); nothing of it lives in this repo. Skipped without the
+mirror. Our export (`to_openflamingo_state_dict`) is loaded into the original model, so this also checks the key
+layout, the media pairing and the perceiver/cross-attention math against the real thing.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from of_ds.model.build import build_flamingo
+from of_ds.model.checkpoint_keys import to_openflamingo_state_dict
+from of_ds.model.language import DECODER_LAYERS
+from of_ds.spec import CrossAttnSpec, PerceiverSpec
+
+from .conftest import encode, lm_config, open_gates, tiny_spec
+from .test_build import bare_lm_like
+from .test_state import perturb_trainables
+
+MIRROR = Path(os.environ.get("OF_ORIGINAL_MIRROR", "/work/.mirror/mlfoundations+open_flamingo/repo"))
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    if not MIRROR.is_dir():
+        pytest.skip(f"no OpenFlamingo mirror at {MIRROR} (set OF_ORIGINAL_MIRROR)")
+    dest = tmp_path_factory.mktemp("open_flamingo")
+    archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "main", "open_flamingo/src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    import einops
+
+    # the original imports einops_exts.rearrange_many (a one-liner over einops) for its einsum attention
+    shim = types.ModuleType("einops_exts")
+    shim.rearrange_many = lambda ts, pattern, **kw: tuple(einops.rearrange(t, pattern, **kw) for t in ts)
+    sys.modules.setdefault("einops_exts", shim)
+    sys.path.insert(0, str(dest))
+    try:
+        from open_flamingo.src.flamingo import Flamingo
+        from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+        from open_flamingo.src.utils import extend_instance
+    finally:
+        sys.path.remove(str(dest))
+    return Flamingo, FlamingoLMMixin, extend_instance
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "mpt"])
+def test_logits_equal_the_original_model(original, tiny_tokenizer_dir, family):
+    OriginalFlamingo, FlamingoLMMixin, extend_instance = original
+    spec = tiny_spec(tiny_tokenizer_dir, family, every_n_layers=2)
+    spec.perceiver, spec.cross_attn = PerceiverSpec(), CrossAttnSpec(every_n_layers=2)  # the original's fixed sizes
+    torch.manual_seed(0)
+    ours, _, tok = build_flamingo(spec)
+    ours.eval()
+    open_gates(ours)
+    perturb_trainables(ours, 0)
+
+    lm = bare_lm_like(ours, lm_config(tiny_tokenizer_dir, family))
+    lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name(DECODER_LAYERS[lm.config.model_type])
+    clip = types.SimpleNamespace(visual=copy.deepcopy(ours.vision_encoder))  # same frozen tower, tokens before ln_post
+    theirs = OriginalFlamingo(clip, lm, ours.eoc_token_id, ours.media_token_id, vis_dim=ours.vis_dim, cross_attn_every_n_layers=2).eval()
+    result = theirs.load_state_dict(to_openflamingo_state_dict(ours), strict=False)
+    assert result.unexpected_keys == []
+    # only frozen LM/vision weights and the original's duplicate registrations are not in the export
+    assert not [k for k in result.missing_keys if "perceiver" in k or (".gated_cross_attn_layer." in k)]
+
+    ids, mask = encode(tok, [
+        "a cat <image>a photo of a cat<|endofchunk|> the dog<image>a rocket launches<|endofchunk|>",
+        "<image>a cup of coffee<|endofchunk|>",
+    ])
+    px = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():
+        a = ours(px, ids, mask, num_images=torch.tensor([2, 1])).logits
+        b = theirs(px[:, :, None], ids, mask).logits
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

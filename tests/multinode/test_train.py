@@ -1,0 +1,125 @@
+"""The real trainer across two loopback "nodes" (pdsh, ZeRO-2, gloo): train, checkpoint, resume, compare, kill."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO
+from .launch import deepspeed_cmd, run_launcher
+
+TRAIN = REPO / "launch" / "train.py"
+pytestmark = pytest.mark.slow
+LAUNCH_TIMEOUT_S = 420  # the first launch may JIT-build DeepSpeed's shm op and generate the demo data
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(out: Path, max_steps: int, *extra: str) -> list[str]:
+    sets = [
+        f"run.output_dir={out}", f"run.max_steps={max_steps}", "checkpoint.every_n_steps=2",
+        "logging.every_n_steps=1", "logging.progress_bar=false", *extra,
+    ]
+    args = ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), "--spec", str(REPO / "launch/specs/demo.yaml")]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _run(cluster, tmp_path, name, out, max_steps, *extra, local=False, nproc=2):
+    cmd = deepspeed_cmd(None if local else cluster, _port(), TRAIN, _train_args(out, max_steps, *extra))
+    if local and nproc != 2:
+        cmd[cmd.index("--num_gpus") + 1] = str(nproc)
+    return run_launcher(cmd, cluster.workdir, cluster.env(), LAUNCH_TIMEOUT_S, tmp_path / f"{name}.log")
+
+
+def _assert_complete(step_dir: Path, world: int) -> None:
+    assert (step_dir / "COMPLETE").is_file(), sorted(os.listdir(step_dir))
+    assert json.loads((step_dir / "meta.json").read_text())["world_size"] == world
+    shards = sorted(p.name for p in step_dir.glob("zero_pp_rank_*_optim_states.pt"))
+    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]  # one per rank
+    for pt in step_dir.rglob("*.pt"):
+        torch.load(pt, map_location="cpu", weights_only=False)
+
+
+def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, tmp_path):
+    multi, local = tmp_path / "multi", tmp_path / "local"
+    rc, out, t1 = _run(loopback_cluster, tmp_path, "multi1", multi, 2)
+    assert rc == 0, out[-5000:]
+    ranks = {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (multi / "demo/ranks").glob("*.json")}
+    assert {r: v["node_address"] for r, v in ranks.items()} == {0: "127.0.0.1", 1: "127.0.0.2"}
+    _assert_complete(multi / "demo/checkpoints/step-00000002", world=2)
+
+    rc, out, t2 = _run(loopback_cluster, tmp_path, "multi2", multi, 4)
+    assert rc == 0, out[-5000:]
+    assert "resumed from" in out and "step-00000002 at step 2" in out, out[-5000:]
+    _assert_complete(multi / "demo/checkpoints/step-00000004", world=2)
+
+    rc, out, t3 = _run(loopback_cluster, tmp_path, "local", local, 4, local=True)
+    assert rc == 0, out[-5000:]
+    got, want = _losses(multi / "demo"), _losses(local / "demo")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
+
+    # a different world size cannot reshape ZeRO-2 partitions: a clear error, not a hang
+    rc, out, t4 = _run(loopback_cluster, tmp_path, "one_rank", multi, 6, local=True, nproc=1)
+    assert rc != 0 and rc != -9, out[-5000:]
+    assert "written by 2 ranks but this run has 1" in out and "ds_to_universal" in out, out[-5000:]
+    print(f"launch seconds: multi {t1:.0f}, resumed {t2:.0f}, local {t3:.0f}, world-size change {t4:.0f}")
+
+
+def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, tmp_path):
+    out_dir = tmp_path / "kill"
+    run_dir = out_dir / "demo"
+    args = _train_args(out_dir, 200, "engine.heartbeat_timeout_s=5")
+    cmd = deepspeed_cmd(loopback_cluster, _port(), TRAIN, args)
+    env = dict(loopback_cluster.env(), PYTHONPATH=str(REPO))
+    log = tmp_path / "kill.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=loopback_cluster.workdir, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+            first = run_dir / "checkpoints/step-00000002/COMPLETE"
+            while not (first.exists() and (run_dir / "ranks/rank1.json").exists()) and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-5000:]
+                time.sleep(0.2)
+            assert first.exists(), log.read_text()[-5000:]
+            victim = json.loads((run_dir / "ranks/rank1.json").read_text())
+            assert victim["node_address"] == "127.0.0.2"
+            os.kill(victim["pid"], signal.SIGKILL)  # "node 2" dies mid-run
+            killed_at = time.monotonic()
+            rc = proc.wait(timeout=90)
+            exit_s = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    out = log.read_text()
+    assert rc != 0, out[-5000:]
+    assert "rank 1 (host 127.0.0.2) stopped responding; exiting" in out, out[-5000:]
+    assert exit_s < 5 + 30, exit_s  # heartbeat timeout + teardown, not the 30-minute collective timeout
+    done = sorted(p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    assert done, "no complete checkpoint left"
+    _assert_complete(done[-1], world=2)
+
+    # the last complete checkpoint resumes (a torn save after it, if the kill hit one, is ignored)
+    rc, out, _ = _run(loopback_cluster, tmp_path, "after_kill", out_dir, int(done[-1].name[5:]) + 1, local=True)
+    assert rc == 0, out[-5000:]
+    assert f"{done[-1].name} at step {int(done[-1].name[5:])}" in out, out[-5000:]
+    print(f"survivor exit {exit_s:.1f}s after the kill; last complete checkpoint {done[-1].name}")

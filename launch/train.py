@@ -54,4 +54,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from of_ds.spec import SpecError
+
+    try:
+        sys.exit(main())
+    except SpecError as e:  # a spec/config problem: the message names the fields, a traceback adds nothing
+        print(f"launch/train.py: {e}", file=sys.stderr)
+        sys.exit(2)

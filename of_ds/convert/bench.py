@@ -67,6 +67,19 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def parallel_capacity(n: int) -> float:
+    """How many times faster n independent CPU-bound processes finish than n run one after another: the speed-up
+    this machine can give right now (n on an idle n-core machine, less when others are using the cores)."""
+    job = [sys.executable, "-c", "sum(range(2 * 10**7))"]
+    t0 = time.perf_counter()
+    subprocess.run(job, check=True)
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for proc in [subprocess.Popen(job) for _ in range(n)]:
+        proc.wait()
+    return n * one / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="of_ds.convert.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--original", help="path of the original convert_mmc4_to_wds.py (skipped when absent)")
@@ -94,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmd in runs.items():
                 wall, cpu = timed(cmd(str(root / f"out-{rep}-{len(best)}-{abs(hash(name))}")))
                 best[name] = min(best.get(name, (wall, cpu)), (wall, cpu))
-        print(f"{n} images, {a.zips} zips x {a.docs} documents, best of {a.repeat}")
+        print(f"{n} images, {a.zips} zips x {a.docs} documents, best of {a.repeat}; "
+              f"machine parallel capacity now for {max(a.workers)} processes: {parallel_capacity(max(a.workers)):.2f}x")
         print(f"{'converter':<34} {'wall s':>7} {'CPU s':>7} {'images/s':>9} {'images/CPU-s':>13}")
         for name, (wall, cpu) in best.items():
             print(f"{name:<34} {wall:7.2f} {cpu:7.2f} {n / wall:9.0f} {n / cpu:13.0f}")

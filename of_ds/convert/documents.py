@@ -229,9 +229,10 @@ def chatgpt_members(raw: bytes, image_dir: Path, policy: ImagePolicy, counts: Co
             continue
         url = _entry_url(entry)
         path = find_by_url(image_dir, url) if url else None
-        result = load_image(path, policy, counts) if url else NotUsed("missing", "no url")
-        if url and path is None:
-            result = NotUsed("missing", "not found")
+        if path is None:
+            result: Found | NotUsed = NotUsed("missing", "not found" if url else "no url")
+        else:
+            result = load_image(path, policy, counts)
         count_image(result, counts)
         if isinstance(result, NotUsed):
             failed = failed or f"image_{result.kind}"

@@ -39,11 +39,13 @@ class InputShard:
 
 
 def expand_inputs(pattern: str) -> list[InputShard]:
-    """Brace-expand `pattern`, then glob each part; keep the order given (sorted within one glob)."""
+    """Brace-expand `pattern`, then glob each part; keep the order given (natural order within one glob, so
+    `shard_2` comes before `shard_10`). A brace-listed file that does not exist is an error (use a glob to take
+    whatever is there)."""
     paths: list[str] = []
     for part in braceexpand.braceexpand(pattern):
         if any(c in part for c in "*?["):
-            paths.extend(sorted(glob.glob(part)))
+            paths.extend(sorted(glob.glob(part), key=_natural_key))
         else:
             paths.append(part)
     if not paths:
@@ -56,6 +58,10 @@ def expand_inputs(pattern: str) -> list[InputShard]:
     if dupes:
         raise ConvertError(f"--zip-files: listed more than once: {', '.join(dupes[:3])}")
     return [InputShard(p, i, shard_number(p)) for i, p in enumerate(paths)]
+
+
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
 def shard_number(path: str) -> int | None:

@@ -205,7 +205,14 @@ def _check_same_options(out: Path, opts: ConvertOptions, layout: str, fingerprin
 
 
 def _is_done(out: Path, task: ShardTask) -> bool:
-    return (out / task.name).is_file() and (out / STATE_DIR / f"{task.index:06d}.done.json").is_file()
+    """The shard's tar and done record exist and agree on its size (a truncated copy is redone)."""
+    tar, record = out / task.name, out / STATE_DIR / f"{task.index:06d}.done.json"
+    if not (tar.is_file() and record.is_file()):
+        return False
+    try:
+        return json.loads(record.read_text())["counts"]["bytes_out"] == tar.stat().st_size
+    except (json.JSONDecodeError, KeyError):
+        return False
 
 
 def _write_json(path: Path, obj: object) -> None:

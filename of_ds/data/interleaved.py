@@ -60,7 +60,7 @@ def prepare_document(sample: dict, rules: DocumentRules, eos_token: str, counter
     if "json" not in sample:
         raise DropSample("missing_json", sample["__key__"])
     try:
-        doc = json.loads(sample["json"])
+        doc = json.loads(sample["json"].decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise DropSample("invalid_json", f"{sample['__key__']}: {e}") from None
     if not isinstance(doc, dict):
@@ -87,6 +87,21 @@ def _image_bytes(sample: dict, info: dict, base64_field: str) -> bytes | None:
     return None
 
 
+def _image_size(sample: dict, info: dict) -> int:
+    """Byte size of an image entry without decoding it (base64: from the text length); DropSample if absent."""
+    if "image_base64" in info:
+        b64 = info["image_base64"]
+        if not isinstance(b64, str):
+            raise DropSample("image_bad_base64")
+        return len(b64) * 3 // 4 - (len(b64) - len(b64.rstrip("=")))
+    member = info.get("member")
+    if isinstance(member, str):
+        if member.lower() not in sample:
+            raise DropSample("image_missing_member")
+        return len(sample[member.lower()])
+    raise DropSample("image_missing")
+
+
 def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str, counter: DropCounter) -> Document:
     key = sample["__key__"]
     for field in ("text_list", "image_info", "similarity_matrix"):
@@ -106,29 +121,37 @@ def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str,
     if not np.isfinite(sim).all():
         raise DropSample("bad_similarity_matrix", f"{key}: non-finite similarities")
 
-    candidates, data = [], {}
+    candidates = []
     for i, info in enumerate(image_info):
         try:
-            raw = _image_bytes(sample, info, "image_base64")
-            if raw is None:
-                raise DropSample("image_missing")
-            if len(raw) <= rules.min_image_bytes:
+            if _image_size(sample, info) <= rules.min_image_bytes:
                 raise DropSample("image_too_small")
-            open_image(raw)
         except DropSample as e:
-            counter.image(e.reason if e.reason.startswith("image_") else "image_undecodable")
+            counter.image(e.reason)
             continue
         candidates.append(i)
-        data[i] = raw
-    if not candidates:
-        raise DropSample("no_images", key)
-
-    sub = sim[candidates]
-    rows, cols = linear_sum_assignment(-sub)  # one image per sentence and vice versa, maximising similarity
-    pairs = sorted((int(c), candidates[r]) for r, c in zip(rows, cols) if sub[r, c] >= rules.sim_threshold)
-    if not pairs:
-        raise DropSample("no_images_above_threshold", key)
-    pairs = pairs[: rules.max_images]  # text order (B1): the first images of the document, not of image_info
+    data: dict[int, bytes] = {}
+    while True:  # assign, then fetch only the kept images; one that turns out bad is excluded and we re-assign
+        if not candidates:
+            raise DropSample("no_images", key)
+        sub = sim[candidates]
+        rows, cols = linear_sum_assignment(-sub)  # one image per sentence and vice versa, maximising similarity
+        pairs = sorted((int(c), candidates[r]) for r, c in zip(rows, cols) if sub[r, c] >= rules.sim_threshold)
+        if not pairs:
+            raise DropSample("no_images_above_threshold", key)
+        pairs = pairs[: rules.max_images]  # text order (B1): the first images of the document, not of image_info
+        bad = []
+        for _, i in pairs:
+            if i not in data:
+                try:
+                    data[i] = _image_bytes(sample, image_info[i], "image_base64")
+                    open_image(data[i])
+                except DropSample as e:
+                    counter.image(e.reason if e.reason.startswith("image_") else "image_undecodable")
+                    bad.append(i)
+        if not bad:
+            break
+        candidates = [i for i in candidates if i not in bad]
 
     sentences = list(sentences)
     for sentence_ix, _ in pairs:

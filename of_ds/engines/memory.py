@@ -101,7 +101,8 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
         else:
             lm = dims.lm_layers * layer + dims.xattn_blocks * xattn
         logits = b * L * dims.vocab * (a + 4 + 4)
-        perceiver = dims.perceiver_depth * per_elem * b * t * (dims.vis_tokens + dims.latents) * dims.vis_dim
+        # per perceiver layer: norms/K/V over patch+latent tokens, a full block's worth for the latents
+        perceiver = dims.perceiver_depth * a * b * t * dims.vis_dim * (4 * (dims.vis_tokens + dims.latents) + 17 * dims.latents)
         vision_transient = 8 * a * b * t * dims.vis_tokens * dims.vis_dim
         total += lm + logits + perceiver + vision_transient
     return total + biggest_layer
@@ -150,11 +151,11 @@ class Recommendation:
             parts.append(f"optimizer offload ({e.offload_optimizer})")
         if e.offload_param != "none":
             parts.append(f"parameter offload ({e.offload_param})")
-        parts.append("with activation checkpointing" if e.activation_checkpointing else "without activation checkpointing")
+        ckpt = "with activation checkpointing" if e.activation_checkpointing else "without activation checkpointing"
         cfg = {(0, "none", "none"): "zero0", (1, "none", "none"): "zero1", (2, "none", "none"): "zero2", (3, "none", "none"): "zero3",
                (2, "cpu", "none"): "zero2_offload", (3, "cpu", "cpu"): "zero3_offload"}.get((e.zero_stage, e.offload_optimizer, e.offload_param))
         hint = f" (ds_configs/{cfg}.json" + (", --set engine.activation_checkpointing=true)" if e.activation_checkpointing else ")") if cfg else ""
-        return f"recommended for {self.budget_gib:.1f} GiB per GPU: {' + '.join(parts)}, about {e.total_gib:.1f} GiB{hint}"
+        return f"recommended for {self.budget_gib:.1f} GiB per GPU: {' + '.join(parts)}, {ckpt}, about {e.total_gib:.1f} GiB{hint}"
 
 
 def recommend(dims: ModelDims, spec, world_size: int, gpu_bytes: float) -> Recommendation:
@@ -173,9 +174,9 @@ def recommend(dims: ModelDims, spec, world_size: int, gpu_bytes: float) -> Recom
 
 
 def format_table(estimates: list[MemoryEstimate]) -> str:
-    head = f"{'plan':<26}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'other':>8}{'total':>9}{'host':>9}  GiB/GPU"
+    head = f"{'plan':<34}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'other':>8}{'total':>9}{'host':>9}  GiB/GPU"
     rows = [head]
     for e in estimates:
         name = f"ZeRO-{e.zero_stage}" + (f" off-opt:{e.offload_optimizer}" if e.offload_optimizer != "none" else "") + (f" off-param:{e.offload_param}" if e.offload_param != "none" else "") + (" +ckpt" if e.activation_checkpointing else "")
-        rows.append(f"{name:<26}{e.params_gib:9.2f}{e.grads_gib:9.2f}{e.optimizer_gib:9.2f}{e.activations_gib:9.2f}{e.overhead_gib:8.2f}{e.total_gib:9.2f}{e.host_gib:9.2f}")
+        rows.append(f"{name:<34}{e.params_gib:9.2f}{e.grads_gib:9.2f}{e.optimizer_gib:9.2f}{e.activations_gib:9.2f}{e.overhead_gib:8.2f}{e.total_gib:9.2f}{e.host_gib:9.2f}")
     return "\n".join(rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +155,8 @@ class Flamingo(nn.Module):
             return self._resample(images).unflatten(0, (b, t))
         real = (torch.arange(t, device=num_images.device) < num_images[:, None]).flatten().nonzero().squeeze(1)
         real = real.to(pixel_values.device, non_blocking=True)
-        latents = self.perceiver.latents.new_zeros(b * t, *self.perceiver.latents.shape)
+        # shapes from ints: under ZeRO-3 a parameter read outside its own module's forward is an empty partition
+        latents = pixel_values.new_zeros(b * t, self.perceiver.num_latents, self.vis_dim, dtype=self.perceiver.latents.dtype)
         if real.numel():
             latents = latents.index_copy(0, real, self._resample(images.index_select(0, real)).to(latents.dtype))
         return latents.unflatten(0, (b, t))

@@ -58,6 +58,7 @@ class PerceiverResampler(nn.Module):
 
     def __init__(self, *, dim: int, depth: int = 6, dim_head: int = 64, heads: int = 8, num_latents: int = 64, ff_mult: int = 4):
         super().__init__()
+        self.num_latents = num_latents
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), build_feed_forward(dim, ff_mult)])

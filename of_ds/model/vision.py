@@ -66,10 +66,14 @@ def build_vision_encoder(spec: VisionSpec, *, load_weights: bool = True, device:
     visual.final_ln_after_pool = True  # tokens before ln_post (see the module docstring)
     visual.requires_grad_(False)
     visual.eval()
+    return visual, build_image_processor(visual), int(cfg["vision_cfg"]["width"])
+
+
+def build_image_processor(visual: nn.Module):
+    """open_clip's evaluation transform (resize, center crop, normalize) for this tower."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    processor = image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False)
-    return visual, processor, int(cfg["vision_cfg"]["width"])
+    return image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False)
 
 
 def image_processor_config(model: nn.Module) -> ImageProcessorConfig:

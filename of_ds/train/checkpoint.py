@@ -123,9 +123,8 @@ class CheckpointManager:
         complete = complete_checkpoints(self.root)
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
-        newest = complete[-1].name if complete else ""
-        for p in self.root.glob("step-*"):
-            if p.is_dir() and not is_complete(p) and p.name < newest:
+        for p in self.root.glob("step-*"):  # torn saves of a crashed run (no save is in flight here)
+            if p.is_dir() and not is_complete(p):
                 shutil.rmtree(p, ignore_errors=True)
 
     def load(self, engine, path: Path, *, weights_only: bool = False) -> tuple[TrainState, Optional[dict]]:

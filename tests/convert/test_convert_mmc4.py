@@ -78,10 +78,12 @@ def test_reruns_and_worker_counts_give_identical_bytes(mmc4_bad, tmp_path):
     assert again["shards_resumed"] == 3 and again["shards_converted"] == 0
     assert again["documents_written"] == a["documents_written"] and again["bytes_out"] == a["bytes_out"]
     assert tar_hashes(tmp_path / "a") == before
-    # a lost shard is redone, identical
+    # a lost shard and a truncated one are redone, identical
     (tmp_path / "a/000001.tar").unlink()
+    with open(tmp_path / "a/000002.tar", "r+b") as f:
+        f.truncate(1024)
     redo = run(mmc4_bad, tmp_path / "a")
-    assert redo["shards_converted"] == 1 and tar_hashes(tmp_path / "a") == before
+    assert redo["shards_converted"] == 2 and tar_hashes(tmp_path / "a") == before
     with pytest.raises(ConvertError, match="other settings.*min_image_bytes"):
         run(mmc4_bad, tmp_path / "a", min_image_bytes=5)
 
@@ -184,3 +186,17 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("{}\n")
     assert cli_main(["--zip-files", str(tmp_path / "a.jsonl"), "--image-dir", str(tmp_path / "x"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "--image-dir: not a directory" in capsys.readouterr().err
+
+
+def test_glob_inputs_in_natural_order_and_flat_images(tmp_path):
+    zips, img = tmp_path / "zips", tmp_path / "img"
+    zips.mkdir()
+    img.mkdir()
+    (img / "r.jpg").write_bytes(photo_jpeg("rocket", side=64))
+    for n in (10, 2):
+        write_zip(zips / f"docs_shard_{n}_v2.jsonl.zip", [json.dumps(make_doc(1, ["r.jpg"], str(n))).encode()])
+    out = tmp_path / "out"
+    report = convert(ConvertOptions(inputs=str(zips / "docs_shard_*_v2.jsonl.zip"), image_dir=str(img), output_dir=str(out), progress=False))
+    assert report["images_found"] == 2
+    assert [n for n, _ in tar_members(out / "000000.tar")] == ["docs_shard_2_v2-0000000.json", "docs_shard_2_v2-0000000.000.jpg"]
+    assert tar_members(out / "000001.tar")[0][0] == "docs_shard_10_v2-0000000.json"

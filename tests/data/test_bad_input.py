@@ -22,7 +22,7 @@ def test_every_bad_mmc4_case_is_counted_by_its_reason(tmp_path, tokenizer, photo
     corrupt = photos["coffee"][:2000] + b"\x00" * 12000  # a JPEG header, then garbage: above the size floor
     bad_b64 = mmc4_base64_members("badb64", good_doc)
     d = json.loads(bad_b64[0][1])
-    d["image_info"][0]["image_base64"] = "***not base64***"
+    d["image_info"][0]["image_base64"] = "x" * 20001  # not a whole number of base64 quads
     members = [
         ("invalid.json", b"{not json"),
         ("nokey.json", json.dumps({"text_list": ["a."], "image_info": []}).encode()),
@@ -100,7 +100,7 @@ def test_the_original_threshold_of_30_is_refused_by_the_spec():
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_our_own_bugs_propagate_instead_of_being_counted(tmp_path, tokenizer, photos, workers):
-    """A broken image config (std is None) is a TypeError in our code: it must reach the caller, also from workers."""
+    """A broken transform (size None) is a TypeError in our code: it must reach the caller, also from workers."""
     from of_ds.data import build_train_data
 
     from .helpers import IMAGE_SPEC, RUNTIME, make_spec
@@ -108,7 +108,7 @@ def test_our_own_bugs_propagate_instead_of_being_counted(tmp_path, tokenizer, ph
     shard = write_tar(tmp_path / "s.tar", laion_members("ok", photos["coffee"], "a cup"))
     spec = make_spec(dict(name="d", kind="laion", shards=str(shard), batch_size=1, samples_per_epoch=1, workers=workers))
     data = build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)
-    data.plans[0].make_batcher.args[1].lut = None  # a bug: the lookup table is gone
+    data.plans[0].make_batcher.args[1].size = None  # a bug: the output size is gone
     with pytest.raises(TypeError):
         list(data)
 

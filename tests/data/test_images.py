@@ -48,20 +48,22 @@ def test_without_draft_images_are_bit_identical_to_open_clip(images, size):
 
 @pytest.mark.parametrize("size", [64, 224])
 def test_draft_decoding_stays_within_the_stated_tolerance(images, size):
-    """Per drafted image, in 8-bit levels of the output: mean |diff| <= 1.5 (<= 1 at 224 px), 99th percentile <= 20,
-    max <= 64 (single pixels at sharp edges). JPEG q90 re-encoding alone moves pixels by about as much.
-    Images that are not drafted (not JPEG, or shortest side < 4x the output) are bit-identical."""
-    drafted = 0
+    """Stated tolerance, in 8-bit levels of the output (1 level = 1/255/std): per drafted image mean |diff| <= 4,
+    99th percentile <= 24, max <= 96 (isolated pixels at sharp edges); over all drafted images mean <= 1.5.
+    For scale: JPEG re-encoding at quality 90 moves pixels by 1-2 levels on average. Images that are not drafted
+    (not JPEG, or shortest side < 2x the output) only resample the crop window: within one level."""
+    drafted = []
     for name, data in images.items():
         diff = np.abs(_ours(data, size, draft=True) - _reference(data, size)) / LEVEL
         img = Image.open(io.BytesIO(data))
-        if img.format != "JPEG" or min(img.size) < 4 * size:
-            assert diff.max() == 0, name
+        if img.format != "JPEG" or min(img.size) < 2 * size:
+            assert diff.max() <= 1.0001, name
             continue
-        drafted += 1
-        assert diff.mean() <= (1.0 if size == 224 else 1.5), (name, diff.mean())
-        assert np.percentile(diff, 99) <= 20 and diff.max() <= 64, (name, np.percentile(diff, 99), diff.max())
-    assert drafted >= (12 if size == 64 else 3)
+        drafted.append(diff.mean())
+        assert diff.mean() <= 4 and np.percentile(diff, 99) <= 24 and diff.max() <= 96, (
+            name, diff.mean(), np.percentile(diff, 99), diff.max())
+    assert len(drafted) >= (15 if size == 64 else 8)
+    assert np.mean(drafted) <= 1.5
 
 
 def test_flip_is_the_mirrored_transform(images):

@@ -93,3 +93,31 @@ def test_two_ranks_regenerate_a_partial_dir_identically(demo, tmp_path):
         assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
     assert digest(target) == digest(demo)
     assert len(digest(demo)) > 400
+
+
+def test_demo_spec_loaders_fill_batches(demo):
+    """launch/specs/demo.yaml's datasets, pointed at this demo dir, give full batches that keep most documents."""
+    import types
+
+    from of_ds.data import build_stream_plan
+    from of_ds.data.images import ImageSpec
+    from of_ds.data.stream import worker_batches
+    from of_ds.model.tokenizer import load_tokenizer
+    from of_ds.spec import RunSpec
+
+    spec = RunSpec.from_yaml(REPO / "launch/specs/demo.yaml", overrides=[
+        f"data.datasets.laion.shards={demo}/laion/{{000000..000003}}.tar",
+        f"data.datasets.mmc4.shards={demo}/mmc4/{{000000..000003}}.tar"])
+    tok = load_tokenizer(str(demo / "tokenizer"), offline=True)
+    image_spec = ImageSpec((64, 64), (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "bicubic", "shortest")
+    runtime = types.SimpleNamespace(rank=0, world_size=1, local_rank=0)
+    for name in ("laion", "mmc4"):
+        ds = spec.dataset(name)
+        batches = list(worker_batches(build_stream_plan(ds, 0, tok, image_spec, runtime), 0, 0, 0, 6))
+        drops = sum(sum(b["_meta"][2].values()) for b in batches)
+        assert drops <= 6 * ds.batch_size // 2, (name, [b["_meta"][2] for b in batches])  # single-image coin flips only
+        for b in batches:
+            assert b["num_images"].min() >= 1 and (b["labels"] != -100).any()
+            if name == "mmc4":
+                media = tok.convert_tokens_to_ids("<image>")
+                assert ((b["input_ids"] == media).sum(1) == b["num_images"]).all()

@@ -36,13 +36,14 @@ def env() -> dict:
 
 
 def launch(cwd: Path, how: str, name: str, sets: list[str] = (), ds_config: str | None = None, nproc: int = 2,
-           timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+           timeout: int = 300, check: bool = True, extra: list[str] = ()) -> subprocess.CompletedProcess:
     """how: deepspeed | torchrun | python."""
     args = ["--spec", str(DEMO_SPEC)]
     if ds_config:
         args += ["--deepspeed_config", str(REPO / "ds_configs" / ds_config)]
     for s in [*FAST, f"run.name={name}", *sets]:
         args += ["--set", s]
+    args += list(extra)
     if how == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(TRAIN), *args]
     elif how == "torchrun":

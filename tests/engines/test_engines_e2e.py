@@ -96,7 +96,7 @@ def test_exact_resume(workdir, zero2):
 
 
 @pytest.mark.parametrize("run", ["zero2", "zero3"])
-def test_export_round_trip(workdir, zero2, run):
+def test_export_round_trip(workdir, zero2, run, monkeypatch):
     """tools/export_checkpoint -> original key layout -> loads into a fresh model equal to the checkpoint's weights;
     ZeRO-3 partitions and ZeRO-2 give the same export as the torch engine's for the same trajectory."""
     from of_ds.model.checkpoint_keys import load_openflamingo_state_dict
@@ -104,6 +104,7 @@ def test_export_round_trip(workdir, zero2, run):
 
     if run == "zero3" and not (workdir / "runs" / "zero3").exists():
         pytest.skip("needs test_zero_stage_matches_ddp[zero3.json]")
+    monkeypatch.chdir(workdir)  # the saved spec's paths (demo_data/tokenizer) are relative to the launch dir
     out = export_checkpoint(workdir / "runs" / run, workdir / f"{run}.pt")
     sd = torch.load(out, map_location="cpu")
     assert any(".gated_cross_attn_layer." in k for k in sd) and any(k.startswith("perceiver.") for k in sd)
@@ -120,3 +121,34 @@ def test_export_round_trip(workdir, zero2, run):
     ddp_export = torch.load(export_checkpoint(workdir / "runs" / "ddp", workdir / "ddp.pt"), map_location="cpu")
     for k in sd:
         torch.testing.assert_close(sd[k], ddp_export[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_dry_run_prints_counts_config_and_recommendation(workdir):
+    proc = launch(workdir, "python", "dry", ["engine.zero_stage=3"], ds_config="zero3.json",
+                  extra=["--dry-run", "--gpu-memory", "2GiB"])
+    out = proc.stdout
+    assert '"stage": 3' in out and '"train_micro_batch_size_per_gpu": 6' in out
+    assert "# parameters: total" in out and "trainable" in out
+    assert "ZeRO-3" in out and "recommended for 2.0 GiB per GPU" in out
+    assert not (workdir / "runs" / "dry").exists()  # nothing trained, nothing written
+
+
+def test_conflicting_ds_config_is_a_clear_error(workdir):
+    proc = launch(workdir, "python", "conflict", ["engine.zero_stage=2"], ds_config="zero3.json", check=False, extra=["--dry-run"])
+    assert proc.returncode != 0
+    assert "zero_optimization.stage is 3" in proc.stderr and "engine.zero_stage is 2" in proc.stderr
+
+
+def test_bench_step_tiny_prints_one_json_line(workdir):
+    import json
+    import subprocess
+
+    from engines_launch import REPO, env
+
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "tools" / "bench_step"), "--spec",
+                           str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), "--tiny", "--steps", "2", "--warmup", "1"],
+                          cwd=workdir, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["step_time_s"] > 0 and row["samples_per_s"] > 0 and row["tflop_per_step"] > 0
+    assert row["params_trainable"] < row["params_total"]

@@ -162,3 +162,28 @@ def test_bad_vision_specs(tiny_tokenizer_dir):
     spec.vision.name = "no-such-model"
     with pytest.raises(ValueError, match=r"model\.vision\.name"):
         build_flamingo(spec)
+
+
+def test_local_lm_path_and_vision_checkpoint(tiny_tokenizer_dir, tmp_path):
+    """model.lm.name_or_path as a local dir and model.vision.pretrained as a local file load those exact weights."""
+    import open_clip
+
+    model, _, tok = build_tiny(tiny_tokenizer_dir, "llama")
+    lm = bare_lm_like(model, lm_config(tiny_tokenizer_dir, "llama"))
+    lm.save_pretrained(tmp_path / "lm")
+    clip = open_clip.create_model("test-vit-tiny", pretrained=None)
+    clip.visual.load_state_dict(model.vision_encoder.state_dict())
+    torch.save(clip.state_dict(), tmp_path / "vit.pt")
+
+    spec = tiny_spec(tiny_tokenizer_dir, "llama")
+    spec.lm.config, spec.lm.name_or_path = None, str(tmp_path / "lm")
+    spec.vision.pretrained = str(tmp_path / "vit.pt")
+    torch.manual_seed(123)  # different init: only the loaded weights can make the frozen parts equal
+    loaded, _, _ = build_flamingo(spec)
+    frozen = lambda m: {k: v for k, v in m.state_dict().items() if k.startswith(("vision_encoder.", "lang_encoder.")) and ".gated_cross_attn_layer." not in k}  # noqa: E731
+    a, b = frozen(model), frozen(loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float32 for v in b.values() if v.is_floating_point())
+    spec.vision.pretrained = str(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"model\.vision\.pretrained"):
+        build_flamingo(spec)

@@ -21,8 +21,15 @@ from of_ds.model.checkpoint_keys import to_openflamingo_state_dict  # noqa: E402
 def main() -> None:
     tok_dir, out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     deepspeed.init_distributed(dist_backend="gloo")
+    facts = {family: train_zero3(tok_dir, family) for family in ("llama", "opt")}  # untied, tied
+    if torch.distributed.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(facts, f)
+
+
+def train_zero3(tok_dir: str, family: str) -> dict:
     rank = torch.distributed.get_rank()
-    model, _, tok = build_tiny(tok_dir, "llama", seed=0)
+    model, _, tok = build_tiny(tok_dir, family, seed=0)
     open_gates(model)
     model.train()
     before = {
@@ -59,9 +66,7 @@ def main() -> None:
             "lm_head_unchanged": torch.equal(m.lang_encoder.get_output_embeddings().weight.detach(), before["lm_head"]),
             "export_keys": len(to_openflamingo_state_dict(m)),
         }
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(facts, f)
+    return facts
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,7 +81,22 @@ def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, tmp_path):
     rc, out, t4 = _run(loopback_cluster, tmp_path, "one_rank", multi, 6, local=True, nproc=1)
     assert rc != 0 and rc != -9, out[-5000:]
     assert "written by 2 ranks but this run has 1" in out and "ds_to_universal" in out, out[-5000:]
-    print(f"launch seconds: multi {t1:.0f}, resumed {t2:.0f}, local {t3:.0f}, world-size change {t4:.0f}")
+
+    # ...which DeepSpeed's universal checkpoint can: convert the 2-rank checkpoint, load it into 1 rank
+    step4, universal = multi / "demo/checkpoints/step-00000004", tmp_path / "universal" / "step-00000004"
+    convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step4),
+               "--output_folder", str(universal), "--inject_missing_state"]
+    rc, out, t5 = run_launcher(convert, tmp_path, loopback_cluster.env(), 300, tmp_path / "universal.log")
+    assert rc == 0, out[-5000:]
+    job = [sys.executable, str(Path(__file__).with_name("universal_load_job.py")), str(universal), str(step4),
+           str(tmp_path / "universal.json"), "--", *_train_args(tmp_path / "one", 6)]
+    rc, out, t6 = run_launcher(job, loopback_cluster.workdir, loopback_cluster.env(), 300, tmp_path / "load.log")
+    assert rc == 0, out[-5000:]
+    loaded = json.loads((tmp_path / "universal.json").read_text())
+    assert loaded["world_size"] == 1 and loaded["global_steps"] == 4
+    assert loaded["trainable"] == loaded["in_checkpoint"] > 0 and loaded["mismatched"] == []
+    print(f"launch seconds: multi {t1:.0f}, resumed {t2:.0f}, local {t3:.0f}, world-size change {t4:.0f}, "
+          f"universal convert {t5:.0f} + load {t6:.0f}")
 
 
 def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, tmp_path):

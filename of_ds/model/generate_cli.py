@@ -1,0 +1,100 @@
+"""`tools/generate CHECKPOINT --image PATH [--prompt TEXT]` (`of-generate`): caption images with a trained Flamingo.
+
+CHECKPOINT is a run dir or step folder (its `spec.yaml` builds the model), or a `.pt` file with `--spec`: the
+original OpenFlamingo layout (`checkpoint.pt`, as `tools/export_checkpoint` writes it) or our
+`trainable_state_dict()`. The prompt holds one `<image>` per `--image`, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="run dir, step folder, or a .pt file of trainable weights (then --spec)")
+    p.add_argument("--spec", help="run spec YAML for a .pt checkpoint (overrides a run dir's spec.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override, repeatable")
+    p.add_argument("--image", action="append", default=[], required=True, help="image file, one per <image> in the prompt")
+    p.add_argument("--prompt", default="<image>", help="text with one <image> per --image (default: '<image>')")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Our trainable layout if it has `new_tokens.*` keys, else the original OpenFlamingo layout (strict)."""
+    from .checkpoint_keys import load_openflamingo_state_dict, unwrap_checkpoint
+
+    sd = unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    if any(k.startswith("new_tokens.") for k in sd):
+        model.load_trainable_state_dict(sd)
+    else:
+        load_openflamingo_state_dict(model, sd)
+
+
+def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str]):
+    """-> (model, image_processor, tokenizer) with the checkpoint's trainable weights."""
+    from ..spec import RunSpec
+    from . import build_flamingo
+    from .tokenizer import load_tokenizer
+    from .vision import build_image_processor
+
+    if path.is_dir():
+        from ..train.export import find_checkpoint, load_checkpoint_into_model
+
+        step = find_checkpoint(path)
+        spec = RunSpec.from_yaml(spec_path or step / "spec.yaml", overrides=overrides)
+        model, spec = load_checkpoint_into_model(step, spec)
+        m = spec.model
+        tok = load_tokenizer(m.tokenizer or m.lm.name_or_path, offline=m.offline, trust_remote_code=m.lm.trust_remote_code, cache_dir=m.lm.cache_dir)
+        return model, build_image_processor(model.vision_encoder), tok
+    if not spec_path:
+        raise ValueError(f"{path}: a .pt checkpoint needs --spec (the run spec it was trained with)")
+    from ..train.session import seed_everything
+
+    spec = RunSpec.from_yaml(spec_path, overrides=overrides)
+    seed_everything(spec.run.seed)  # randomly initialised frozen parts (tests, demo) come out as in training
+    model, processor, tok = build_flamingo(spec.model)
+    load_weights(model, path)
+    return model, processor, tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    from PIL import Image
+
+    from ..spec import SpecError
+    from .tokenizer import MEDIA_TOKEN
+
+    args = parse_args(argv)
+    problems = [f"--image: not found: {f}" for f in args.image if not Path(f).is_file()]
+    if args.prompt.count(MEDIA_TOKEN) != len(args.image):
+        problems.append(f"--prompt has {args.prompt.count(MEDIA_TOKEN)} {MEDIA_TOKEN} but {len(args.image)} --image given")
+    if not Path(args.checkpoint).exists():
+        problems.append(f"checkpoint not found: {args.checkpoint}")
+    if problems:
+        print("generate: " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        model, processor, tok = build_from_checkpoint(Path(args.checkpoint), args.spec, args.set)
+    except (SpecError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return 2
+    model.to(args.device).eval()
+    pixels = torch.stack([processor(Image.open(f).convert("RGB")) for f in args.image])[None].to(args.device)
+    enc = tok([args.prompt], return_tensors="pt")
+    out = model.generate(
+        pixels, enc.input_ids.to(args.device), enc.attention_mask.to(args.device),
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+    )
+    print(tok.decode(out[0, enc.input_ids.shape[1]:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The per-GPU memory plan: ZeRO accounting, offload, activation checkpointing, and the recommendation."""
+
+from __future__ import annotations
+
+import pytest
+
+from engines_standin import tiny_spec_dict
+from of_ds.engines.memory import GiB, ModelDims, estimate, parse_size, recommend
+from of_ds.spec import RunSpec
+
+# roughly the 3B recipe: 2.56 B parameters, 1.05 B trainable, MPT-1B LM, ViT-L-14
+DIMS = ModelDims(total_params=2_559_000_000, trainable_params=1_047_000_000, lm_dim=2048, lm_layers=24, xattn_blocks=24,
+                 xattn_heads=8, vocab=50280, vis_dim=1024, vis_tokens=257, vis_layers=24, latents=64, perceiver_depth=6)
+
+
+def recipe_spec(tmp_path, precision="bf16") -> RunSpec:
+    d = tiny_spec_dict("tok", str(tmp_path))
+    d["data"]["datasets"][0].update(batch_size=64, max_tokens=32)
+    d["data"]["datasets"][1].update(batch_size=32, max_tokens=256, max_images=6)
+    d["engine"] = {"kind": "deepspeed", "precision": precision}
+    return RunSpec.from_dict(d)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * GiB and parse_size("80GB") == 80e9 and parse_size("16") == 16 * GiB
+
+
+def test_model_states_follow_zero_accounting(tmp_path):
+    s = recipe_spec(tmp_path)
+    e0, e1, e2, e3 = (estimate(DIMS, s, 8, st) for st in range(4))
+    pt, pall = DIMS.trainable_params, DIMS.total_params
+    assert e0.params_gib * GiB == pytest.approx(2 * pall) and e0.grads_gib * GiB == pytest.approx(2 * pt)
+    assert e0.optimizer_gib * GiB == pytest.approx(12 * pt)
+    assert e1.optimizer_gib == pytest.approx(e0.optimizer_gib / 8) and e1.grads_gib == e0.grads_gib
+    assert e2.grads_gib == pytest.approx(e0.grads_gib / 8)
+    assert e3.params_gib == pytest.approx(e0.params_gib / 8)
+    assert e0.total_gib > e1.total_gib > e2.total_gib > e3.total_gib
+    off = estimate(DIMS, s, 8, 2, "cpu")
+    assert off.optimizer_gib == 0 and off.host_gib > 0
+    ckpt = estimate(DIMS, s, 8, 2, checkpointing=True)
+    assert ckpt.activations_gib < e2.activations_gib / 2
+
+
+def test_recommendation(tmp_path):
+    s = recipe_spec(tmp_path)
+    big = recommend(DIMS, s, 8, parse_size("141GiB"))
+    assert big.fits.zero_stage == 0 and not big.fits.activation_checkpointing
+    small = recommend(DIMS, s, 8, parse_size("24GiB"))
+    assert small.fits is not None and small.fits.total_gib <= 24 * 0.9
+    assert (small.fits.zero_stage, small.fits.activation_checkpointing) != (0, False)
+    assert "recommended for 24.0 GiB" in small.describe()
+    none = recommend(DIMS, s, 1, parse_size("1GiB"))
+    assert none.fits is None and "lower data.datasets" in none.describe()

@@ -1,0 +1,126 @@
+"""The loop, checkpoint manager and metrics in one process (torch engine, 1-rank gloo group, stand-in data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engines_standin import StandInData, tiny_spec_dict
+from of_ds.spec import RunSpec
+from of_ds.train.checkpoint import CheckpointError, CheckpointManager, TrainState, complete_checkpoints
+
+
+def make(tiny_tokenizer_dir, runtime, out, name="a", **sections):
+    from of_ds.engines import build_engine
+    from of_ds.model import build_flamingo
+    from of_ds.train.metrics import Metrics
+    from of_ds.train.session import seed_everything
+
+    d = tiny_spec_dict(tiny_tokenizer_dir, str(out), engine={"kind": "ddp", "precision": "fp32"}, **sections)
+    d["run"]["name"] = name
+    spec = RunSpec.from_dict(d)
+    seed_everything(spec.run.seed)
+    model, _, tok = build_flamingo(spec.model)
+    data = StandInData(spec, tok)
+    engine = build_engine(model, spec, runtime, total_steps=4)
+    ck = CheckpointManager(spec.run.run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
+    return spec, model, data, engine, ck, Metrics(spec, runtime, spec.run.run_dir, 4)
+
+
+def rows(spec):
+    return {r["step"]: r for r in map(json.loads, (spec.run.run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_exact_resume_and_checkpoint_files(tiny_tokenizer_dir, runtime, tmp_path):
+    from of_ds.train.loop import train_loop
+
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "full", checkpoint={"every_n_steps": 1, "keep_last": 2})
+    state = train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4)
+    assert state.step == 4 and state.step_in_epoch == 4
+    assert [p.name for p in complete_checkpoints(ck.root)] == ["step-00000003", "step-00000004"]  # keep last 2
+    assert (ck.root / "latest").read_text().strip() == "step-00000004"
+    step3 = ck.root / "step-00000003"
+    assert {"model.pt", "optim.pt", "scheduler.pt", "spec.yaml", "meta.json", "COMPLETE"} <= {p.name for p in step3.iterdir()}
+    assert (step3 / "rank_state" / "rank00000.pt").is_file()
+    full = rows(spec)
+    assert set(full[4]) >= {"loss", "loss/laion", "loss/mmc4", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
+                            "step_time_s", "data_wait_s", "eta_s", "peak_mem_gib", "epoch", "skipped_steps"}
+
+    # a second run picks up the step-3 checkpoint; a torn step-5 folder (no COMPLETE) is ignored
+    spec2, model2, data2, engine2, ck2, m2 = make(tiny_tokenizer_dir, runtime, tmp_path, "resumed")
+    shutil.copytree(step3, ck2.root / "step-00000003")
+    (ck2.root / "step-00000005").mkdir()
+    assert ck2.latest().name == "step-00000003"
+    from of_ds.train.session import resume
+
+    state2 = resume(engine2, data2, ck2, ck2.latest(), spec2, runtime)
+    assert (state2.step, state2.step_in_epoch) == (3, 3)
+    train_loop(engine2, data2, spec2, runtime, ck2, m2, state2, 4)
+    got = rows(spec2)
+    assert sorted(got) == [4]
+    for k in ("loss", "loss/laion", "loss/mmc4", "grad_norm", "lr"):
+        assert got[4][k] == full[4][k], k
+    assert not (ck2.root / "step-00000005").exists()  # the torn folder went with the next save
+
+
+def test_world_size_change_is_a_clear_error(tiny_tokenizer_dir, runtime, tmp_path):
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path)
+    path = ck.save(engine, TrainState(step=1, step_in_epoch=1), spec, {"data": data.state_dict()})
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(world_size=8, engine="deepspeed", zero_stage=2)
+    (path / "meta.json").write_text(json.dumps(meta))
+    engine.can_reshape = False  # as a ZeRO-1/2/3 engine
+    with pytest.raises(CheckpointError, match="written by 8 ranks but this run has 1"):
+        ck.load(engine, path)
+    (path / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ck.load(engine, path)
+
+
+def test_non_finite_loss_skips_the_update(tiny_tokenizer_dir, runtime, tmp_path):
+    from of_ds.train.loop import optimizer_step
+
+    spec, model, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path)
+    data.set_epoch(0)
+    batch = next(iter(data))
+    batch["mmc4"]["pixel_values"][0] = float("nan")
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    engine.scheduler.step()  # past the warmup's lr=0 so that an applied update would show
+    stats = optimizer_step(engine, iter([batch]), {"laion": 0.2, "mmc4": 1.0}, runtime, m)
+    assert stats.skipped
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, before[k]), k
+    stats = optimizer_step(engine, iter(data), {"laion": 0.2, "mmc4": 1.0}, runtime, m)
+    assert not stats.skipped and any(not torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())
+
+
+def test_activation_checkpointing_same_loss_and_grads(tiny_tokenizer_dir, runtime, tmp_path):
+    from of_ds.engines.base import weighted_losses
+
+    spec, model, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path)
+    data.set_epoch(0)
+    batch = next(iter(data))
+    out = []
+    for enabled in (False, True):
+        model.set_activation_checkpointing(enabled)
+        model.zero_grad()
+        loss = weighted_losses(model, batch, {"laion": 0.2, "mmc4": 1.0}, torch.device("cpu"))["loss"]
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert out[0][0] == out[1][0]
+    assert out[0][1].keys() == out[1][1].keys()
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_plot_run_reads_the_metrics(tiny_tokenizer_dir, runtime, tmp_path):
+    from of_ds.train.loop import train_loop
+    from of_ds.train.plot import plot_run
+
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, logging={"every_n_steps": 2, "progress_bar": False})
+    train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4)
+    assert sorted(rows(spec)) == [2, 4]
+    assert plot_run(spec.run.run_dir).is_file()

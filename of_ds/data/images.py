@@ -1,15 +1,14 @@
 """Image decoding and open_clip's evaluation transform, written into preallocated float32 batch slots.
 
 `ImageTransform` reproduces `open_clip.image_transform(size, is_train=False)` (resize the shortest side, center
-crop, to-tensor, normalize) without torch: PIL resize and crop, then numpy float32 arithmetic in the order of `ToTensor` +
-`Normalize`, so undrafted output is bit-identical.
+crop, to-tensor, normalize) without torch: PIL resize and crop, then numpy float32 arithmetic in the order of
+`ToTensor` + `Normalize`. With `draft=False` the output is bit-identical to open_clip's.
 
-With `draft=True`, JPEGs whose shortest side is at least twice the output are decoded at a reduced size by
-libjpeg (PIL `draft`: DCT scaling by 1/2, 1/4 or 1/8, both sides kept >= the output), and only the crop window is
-resampled (PIL `box`, also for undrafted images: within one level of the exact result). That is ~3x faster
-on large photos and changes pixels slightly: per image the mean
-absolute difference to the exact transform is at most 4 8-bit levels (about 1 on average), 99% of pixels within
-24 levels, isolated edge pixels up to 96 (tests/data/test_images.py pins these bounds). `draft=False` is exact.
+With `draft=True` (the default), JPEGs whose shortest side is at least twice the output are decoded at reduced
+size by libjpeg (PIL `draft`: DCT scaling by 1/2, 1/4 or 1/8, both sides kept >= the output), and only the crop
+window is resampled (PIL `box`; for undrafted images that alone stays within one 8-bit level). About 3x faster
+on large photos; per image the mean absolute difference to the exact transform is at most 4 levels (about 1 on
+average), 99% of pixels within 24, isolated edge pixels up to 96 (tests/data/test_images.py pins these bounds).
 """
 
 from __future__ import annotations

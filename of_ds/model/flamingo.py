@@ -35,8 +35,9 @@ class TokenIds:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy (fp32), mean over labels != -100; 0 (not NaN) when nothing is labelled."""
-    target = labels[:, 1:].reshape(-1)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    # shift the labels, not the logits: slicing the [B, L, V] logits would copy them
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -93,6 +94,12 @@ class Flamingo(nn.Module):
         if init_new_tokens:
             self.new_tokens.init_from(base_in, base_out)
         self._lm_args = forward_arg_names(lang_encoder.base_model)
+        if "inputs_embeds" not in self._lm_args:
+            raise ValueError(
+                f"model.lm: {type(lang_encoder).__name__}.base_model ({type(lang_encoder.base_model).__name__}) does not take "
+                f"inputs_embeds, which the decoupled new-token embeddings need; use the transformers-native class for "
+                f"this family (e.g. MosaicGPT remote code -> transformers' MptForCausalLM)"
+            )
         self.apply_freezing(freeze_new_token_embeddings)
 
     # ------------------------------------------------------------------------------------------------ building

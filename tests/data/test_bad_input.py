@@ -98,6 +98,7 @@ def test_the_original_threshold_of_30_is_refused_by_the_spec():
         make_spec(dict(name="d", kind="mmc4", shards="x.tar", batch_size=1, sim_threshold=30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_our_own_bugs_propagate_instead_of_being_counted(tmp_path, tokenizer, photos, workers):
     """A broken transform (size None) is a TypeError in our code: it must reach the caller, also from workers."""

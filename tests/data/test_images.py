@@ -71,3 +71,12 @@ def test_flip_is_the_mirrored_transform(images):
     assert np.array_equal(_ours(data, 64, draft=False, flip=True), _reference(data, 64)[:, :, ::-1])
     assert torch.equal(torch.from_numpy(_ours(data, 64, draft=False, flip=True)),
                        torch.flip(torch.from_numpy(_reference(data, 64)), dims=[2]))
+
+
+def test_the_model_engineers_processor_config_and_dicts_are_accepted():
+    from of_ds.data.images import as_image_spec
+    from of_ds.model.vision import ImageProcessorConfig
+
+    expected = ImageSpec((224, 224), OPENAI_MEAN, OPENAI_STD, "bicubic", "shortest")
+    assert as_image_spec(ImageProcessorConfig((224, 224), OPENAI_MEAN, OPENAI_STD, "bicubic", "shortest")) == expected
+    assert as_image_spec({"image_size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD}) == expected

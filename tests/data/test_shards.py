@@ -31,6 +31,7 @@ def test_brace_glob_list_pipe_and_s3_expand(shard_dir):
         expand_shards(str(shard_dir / "nothing-*.tar"), "f")
 
 
+@pytest.mark.slow
 def test_sizes_json_gives_a_real_pass_and_pipe_shards_read_like_files(shard_dir, tokenizer):
     pattern = str(shard_dir / "{000000..000002}.tar")
     spec = make_spec(dict(name="d", kind="laion", shards=pattern, batch_size=2, workers=2))

@@ -112,6 +112,18 @@ def test_flops_meta_equals_real_and_scale_with_batch(tiny_tokenizer_dir):
     assert 2 * parts["total"] < f_meta < 3 * parts["total"]
 
 
+def test_loss_is_mean_over_labelled_tokens_and_zero_when_none(llama):
+    model, tok = llama
+    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|>"])
+    px = torch.randn(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        out = model(px, ids, mask, labels=ids)
+        logp = torch.log_softmax(out.logits[0, :-1].float(), -1)
+        expected = -logp.gather(-1, ids[0, 1:, None]).mean()
+        assert torch.allclose(out.loss, expected, atol=1e-6)
+        assert model(px, ids, mask, labels=torch.full_like(ids, -100)).loss.item() == 0.0
+
+
 def test_bad_batch_shapes_name_the_tensor(llama):
     model, tok = llama
     ids, mask = encode(tok, ["<image>a cat", "<image>a dog"])

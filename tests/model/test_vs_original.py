@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from of_ds.model import build_labels
 from of_ds.model.build import build_flamingo
 from of_ds.model.checkpoint_keys import to_openflamingo_state_dict
 from of_ds.model.language import DECODER_LAYERS
@@ -77,9 +78,11 @@ def test_logits_equal_the_original_model(original, tiny_tokenizer_dir, family):
         "a cat <image>a photo of a cat<|endofchunk|> the dog<image>a rocket launches<|endofchunk|>",
         "<image>a cup of coffee<|endofchunk|>",
     ])
+    labels = build_labels(ids, mask, "mmc4", ours.media_token_id, ours.eoc_token_id, ours.pad_token_id)
     px = torch.randn(2, 2, 3, 32, 32)
     with torch.no_grad():
-        a = ours(px, ids, mask, num_images=torch.tensor([2, 1])).logits
-        b = theirs(px[:, :, None], ids, mask).logits
-    assert a.shape == b.shape
-    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        a = ours(px, ids, mask, labels=labels, num_images=torch.tensor([2, 1]))
+        b = theirs(px[:, :, None], ids, mask, labels=labels)
+    assert a.logits.shape == b.logits.shape
+    assert torch.allclose(a.logits, b.logits, atol=1e-5), (a.logits - b.logits).abs().max()
+    assert torch.allclose(a.loss, b.loss, atol=1e-6)

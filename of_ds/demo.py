@@ -5,6 +5,7 @@
 - `OUT/raw/`: MMC4-style document shards `docs_shard_{i}_v2.jsonl.zip` and images `raw/images/<i>/<image_name>`,
   converted by `of_ds.convert` into `OUT/mmc4/{000000..000003}.tar` (+ `sizes.json`, `convert_report.json`);
 - `OUT/tokenizer/`: a byte-level BPE (vocabulary 1000) trained on every caption and sentence;
+- `OUT/photos/<name>.jpg`: each source photo, whole, to caption with `tools/generate` after training;
 - `OUT/DONE` last: a directory without it is regenerated.
 
 Every image is a distinct random crop / flip / rescale of one of the photos, JPEG-encoded above the loader's
@@ -38,7 +39,7 @@ LAION_PER_SHARD = 64
 DOCS_PER_SHARD = 40
 MIN_JPEG_BYTES = 12_000  # above the loader's default min_image_bytes (10,000)
 TOKENIZER_VOCAB = 1000
-EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "DONE")
+EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "photos", "DONE")
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,15 @@ def write_mmc4_raw(raw: Path, photos: dict[str, np.ndarray], rng: random.Random)
     return sentences
 
 
+def write_photos(out: Path, photos: dict[str, np.ndarray]) -> None:
+    """Each whole photo, shorter side 256 px, for users to caption after training."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arr in photos.items():
+        im = Image.fromarray(arr)
+        scale = 256 / min(im.size)
+        im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC).save(out / f"{name}.jpg", quality=92)
+
+
 # ------------------------------------------------------------------------------------------------------- all
 def make_demo_data(out: str | Path) -> Path:
     """(Re)generate the whole demo directory; `DONE` is written last."""
@@ -225,6 +235,7 @@ def make_demo_data(out: str | Path) -> Path:
         output_dir=str(out / "mmc4"), image_layout="number", progress=False,
     ))
     train_bpe_tokenizer(captions + sentences, out / "tokenizer", vocab_size=TOKENIZER_VOCAB)
+    write_photos(out / "photos", photos)
     (out / "DONE").write_text("demo data complete\n")
     return out
 

@@ -101,10 +101,11 @@ class ImageTransform:
         top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
         if self.draft and img.format == "JPEG" and min(w, h) >= 2 * s:
             img.draft("RGB", (s, s))  # libjpeg scales by 1/2, 1/4 or 1/8, keeping both sides >= s
+        img = img.convert("RGB") if img.mode != "RGB" else img  # (convert would copy an RGB image)
         if self.draft:  # resample only the crop window (of the reduced image when drafted): within 1 level
             fx, fy = img.size[0] / new_w, img.size[1] / new_h
             box = (left * fx, top * fy, (left + s) * fx, (top + s) * fy)
-            img = img.convert("RGB").resize((s, s), self.resample, box=box)
+            img = img.resize((s, s), self.resample, box=box)
         else:
-            img = img.convert("RGB").resize((new_w, new_h), self.resample).crop((left, top, left + s, top + s))
+            img = img.resize((new_w, new_h), self.resample).crop((left, top, left + s, top + s))
         return np.asarray(img)

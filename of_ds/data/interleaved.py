@@ -35,6 +35,7 @@ class Document(NamedTuple):
     key: str
     text: str  # with <image> / <|endofchunk|> markers and the final <|endofchunk|>{eos}
     images: list[bytes]  # the image of the k-th <image> marker at position k
+    chatgpt: bool = False  # ChatGPT sequences skip the single-image rules (as the original)
 
 
 class DocumentRules(NamedTuple):
@@ -186,7 +187,7 @@ def _prepare_gpt(sample: dict, doc: dict, rules: DocumentRules, eos_token: str) 
     starts = [m.start() for m in re.finditer(re.escape(MEDIA), text)]
     if len(starts) > rules.max_images:
         text = text[: starts[rules.max_images]].removesuffix(EOC)  # cut before the first image beyond max_images
-    return Document(key, f"{text}{EOC}{eos_token}", images)
+    return Document(key, f"{text}{EOC}{eos_token}", images, chatgpt=True)
 
 
 def _cleanup(text: str) -> str:
@@ -223,10 +224,11 @@ class InterleavedBatcher:
             raise DropSample("text_has_image_token", doc.key)  # the document's own text spells "<image>"
         if n < self.rules.min_images:
             raise DropSample("too_few_images", doc.key)
-        if n == 1 and rng.random() < self.rules.single_image_drop_prob:
-            raise DropSample("single_image", doc.key)
-        if n == 1 and ids[-1] == self.tokens.media_id:  # its labels would all be masked
-            raise DropSample("single_image_at_end", doc.key)
+        if n == 1 and not doc.chatgpt:
+            if rng.random() < self.rules.single_image_drop_prob:
+                raise DropSample("single_image", doc.key)
+            if ids[-1] == self.tokens.media_id:  # its labels would all be masked
+                raise DropSample("single_image_at_end", doc.key)
         row = len(self.ids)
         flip = rng.random() < self.rules.flip_prob  # one decision per document, as the original
         try:

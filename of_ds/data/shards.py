@@ -128,7 +128,7 @@ def iter_tar_samples(url: str, counter: DropCounter, wanted: Callable[[str], boo
     complete = False
     members = 0
     try:
-        with tarfile.open(fileobj=shard.file, mode="r|*", bufsize=1 << 20) as tar:
+        with tarfile.open(fileobj=shard.file, mode="r|*") as tar:
             for member in tar:
                 members += 1
                 if not member.isreg():

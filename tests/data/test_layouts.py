@@ -127,11 +127,13 @@ def test_chatgpt_keeps_max_images_in_placeholder_order(tmp_path, tokenizer, phot
         assert np.array_equal(pix[slot], transformed(images[k]))
 
 
-def test_gpt_documents_inside_mmc4_shards_are_recognised(tmp_path, tokenizer, photos):
+def test_gpt_documents_inside_mmc4_shards_are_recognised_and_skip_the_single_image_rule(tmp_path, tokenizer, photos):
     members = gpt_members("g", "_!_IMAGE1_!_ a cat. _!_IMAGE2_!_ a cup.", {1: photos["chelsea"], 2: photos["coffee"]})
-    (batch,), _ = run_dataset(tmp_path, members, tokenizer, kind="mmc4")
-    text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
-    assert text == "<image>a cat.<|endofchunk|><image>a cup.<|endofchunk|></s>"
+    members += gpt_members("one", "_!_IMAGE1_!_ a rocket.", {1: photos["rocket"]})
+    batches, drops = run_dataset(tmp_path, members, tokenizer, steps=2, kind="mmc4", single_image_drop_prob=1.0)
+    texts = [tokenizer.decode(b["input_ids"][0][b["attention_mask"][0].bool()]) for b in batches]
+    assert texts == ["<image>a cat.<|endofchunk|><image>a cup.<|endofchunk|></s>", "<image>a rocket.<|endofchunk|></s>"]
+    assert drops == {}
 
 
 def test_both_mmc4_shard_layouts_give_identical_batches_even_mixed(tmp_path, tokenizer, photos):

@@ -50,3 +50,13 @@ def test_epoch_arithmetic_matches_the_original():
     assert steps_for(125_000, 32, 8, 4) == 492  # reference section 2.6 worked example
     assert steps_for(250_000, 64, 8, 4) == 492
     assert [batches_of_worker(w, 2, 1, 4) for w in (0, 1)] == [1, 2]  # steps 1, 2, 3 -> workers 1, 0, 1
+
+
+def test_bench_data_prints_one_json_line_with_rate_and_drops(shard_dir, tiny_tokenizer_dir, capsys):
+    from of_ds.data.bench import main
+
+    main(["--kind", "laion", "--shards", str(shard_dir / "*.tar"), "--tokenizer", tiny_tokenizer_dir, "--vision",
+          "ViT-B-32", "--batch-size", "2", "--workers", "0", "--batches", "2", "--shuffle-buffer", "4"])
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(line)
+    assert out["samples"] == 4 and out["samples_per_s"] > 0 and out["seconds"] > 0 and out["drops"] == {}

@@ -6,7 +6,7 @@ import torch
 from of_ds.model.build import build_flamingo
 from of_ds.model.flops import count_step_flops, forward_flops_by_part
 
-from .conftest import build_tiny, encode, open_gates, tiny_spec
+from .conftest import LM_CONFIGS, build_tiny, encode, open_gates, tiny_spec
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -68,17 +68,25 @@ def test_greedy_generation_matches_full_forward_and_stops_at_eos(llama):
     assert model.generate(px, ids, mask, max_new_tokens=4).shape[1] <= ids.shape[1] + 4
 
 
-def test_batched_left_padded_generation_matches_single(llama):
-    model, tok = llama
+@pytest.mark.parametrize("family", list(LM_CONFIGS))
+def test_cached_generation_matches_uncached_forward_per_family(tiny_tokenizer_dir, family):
+    """Left-padded batch, KV cache, two images in one row: each decoded token is the argmax of a full forward."""
+    model, _, tok = build_tiny(tiny_tokenizer_dir, family)
+    open_gates(model)
     tok.padding_side = "left"
     try:
-        ids, mask = encode(tok, ["<image>a photo of a cat sitting", "<image>a"])
+        ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|><image>a", "<image>the"])
     finally:
         tok.padding_side = "right"
-    px = torch.randn(2, 1, 3, 32, 32)
-    batched = model.generate(px, ids, mask, max_new_tokens=4, eos_token_id=-1)
-    single = model.generate(px[1:], ids[1:, mask[1].bool()], max_new_tokens=4, eos_token_id=-1)
-    assert torch.equal(batched[1, ids.shape[1] :], single[0, -4:])
+    px, n = torch.randn(2, 2, 3, 32, 32), torch.tensor([2, 1])
+    out = model.generate(px, ids, mask, max_new_tokens=4, eos_token_id=-1, num_images=n)
+    for r in range(2):
+        real = mask[r].bool()
+        seq = torch.cat((ids[r, real], out[r, ids.shape[1]:]))[None]
+        with torch.no_grad():
+            full = model(px[r : r + 1], seq, torch.ones_like(seq), num_images=n[r : r + 1]).logits
+        assert torch.equal(full[0, int(real.sum()) - 1 : -1].argmax(-1), out[r, ids.shape[1]:])
+    assert model.generate(px, ids, mask, max_new_tokens=3, num_beams=3, num_images=n).shape[0] == 2
 
 
 def test_beam_search_finds_at_least_the_greedy_score(llama):

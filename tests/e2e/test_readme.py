@@ -1,0 +1,99 @@
+"""The README, tried as a new user would: every command in its ```bash blocks runs, verbatim, in a fresh copy of
+the repository, and what it promises is on disk afterwards (checkpoints, metrics, the PNG, a caption).
+
+`make test` itself is the command that runs this suite, so it is the one command not run from here.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NOT_RUN_HERE = {"make test"}  # it is what runs this test
+
+
+def readme_commands() -> list[str]:
+    """Every command line of every ```bash block, in order (continuation lines joined)."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"^\s*```bash\n(.*?)^\s*```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The files a clone has (tracked and not ignored), nothing built: no runs, no demo data, no venv."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    # The venv this test runs in is the one `make` would build; keep make from rebuilding it.
+    for name in ("setup.cfg", "pyproject.toml"):
+        os.utime(dest / name, (0, 0))
+    return dest
+
+
+def test_readme_commands_are_all_known():
+    commands = readme_commands()
+    assert commands[:2] == ["make demo", "make test"], "the README must open with its two commands"
+    assert "tools/generate runs/demo --image demo_data/photos/chelsea.jpg" in commands
+
+
+@pytest.mark.slow
+def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path):
+    venv = Path(sys.executable).parent.parent
+    if not (venv / "bin" / "deepspeed").exists():
+        pytest.skip(f"{venv} is not the project venv (no deepspeed launcher)")
+    (venv / ".installed").touch()
+    work = fresh_copy(tmp_path / "of_ds")
+    (work / ".venv").symlink_to(venv)  # what the first `make demo` would have built
+    # A new user's shell: the venv is not on PATH, no test-only variables.
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(str(venv)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "VIRTUAL_ENV"))} | {"PATH": path}
+
+    outputs, seen = {}, set()
+    for command in readme_commands():
+        if command in NOT_RUN_HERE or command in seen:
+            continue
+        seen.add(command)
+        start = time.time()
+        proc = subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        took = time.time() - start
+        assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        outputs[command] = (proc.stdout, took)
+
+    demo_out, demo_seconds = outputs["make demo"]
+    assert demo_seconds < 300, f"the demo took {demo_seconds:.0f} s; the README promises a few minutes"
+    run_dir = work / "runs" / "demo"
+    assert "[of_ds] run dir:" in demo_out
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
+    assert steps, "no complete checkpoint"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows[-1]["step"] == int(steps[-1].split("-")[1])
+    assert {"loss", "loss/laion", "loss/mmc4", "lr", "samples_per_s"} <= set(rows[-1])
+    assert rows[-1]["loss"] < rows[0]["loss"], "the demo model did not learn"
+
+    caption_out, _ = outputs["tools/generate runs/demo --image demo_data/photos/chelsea.jpg"]
+    greedy = re.search(r"^greedy:\s*(.*)$", caption_out, flags=re.M)
+    assert greedy and greedy.group(1).strip(), f"empty caption:\n{caption_out}"
+
+    png = run_dir / "run.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "export.pt").is_file()
+    report = json.loads((work / "shards" / "mmc4" / "convert_report.json").read_text())
+    assert report["documents_written"] == report["documents_read"] > 0

@@ -12,7 +12,6 @@ ChatGPT documents (`is_gpt`) follow section 2.3 without the off-by-one B9 (all `
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import random
@@ -77,7 +76,7 @@ def _image_bytes(sample: dict, info: dict, base64_field: str) -> bytes | None:
         if not isinstance(info[base64_field], str):
             raise DropSample("image_bad_base64")
         try:
-            return base64.b64decode(info[base64_field])
+            return binascii.a2b_base64(info[base64_field])  # = base64.b64decode, without an ASCII copy of the str
         except (binascii.Error, ValueError):
             raise DropSample("image_bad_base64") from None
     member = info.get("member")

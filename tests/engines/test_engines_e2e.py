@@ -99,7 +99,7 @@ def test_exact_resume(workdir, zero2):
 def test_export_round_trip(workdir, zero2, run, monkeypatch):
     """tools/export_checkpoint -> original key layout -> loads into a fresh model equal to the checkpoint's weights;
     ZeRO-3 partitions and ZeRO-2 give the same export as the torch engine's for the same trajectory."""
-    from of_ds.model.checkpoint_keys import load_openflamingo_state_dict
+    from of_ds.train.session import load_original_checkpoint
     from of_ds.train.export import export_checkpoint, find_checkpoint, load_checkpoint_into_model
 
     if run == "zero3" and not (workdir / "runs" / "zero3").exists():
@@ -114,7 +114,7 @@ def test_export_round_trip(workdir, zero2, run, monkeypatch):
 
     torch.manual_seed(123)  # a different init: every trainable weight must come from the file
     fresh, _, _ = build_flamingo(spec.model)
-    load_openflamingo_state_dict(fresh, sd, strict=True)
+    load_original_checkpoint(fresh, out)  # what checkpoint.resume_from=<checkpoint.pt> does
     want, got = model.trainable_state_dict(), fresh.trainable_state_dict()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)

@@ -124,3 +124,18 @@ def test_plot_run_reads_the_metrics(tiny_tokenizer_dir, runtime, tmp_path):
     train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4)
     assert sorted(rows(spec)) == [2, 4]
     assert plot_run(spec.run.run_dir).is_file()
+
+
+def test_wandb_offline_gets_the_same_rows(tiny_tokenizer_dir, runtime, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from of_ds.train.loop import train_loop
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "wb",
+                                        logging={"every_n_steps": 2, "progress_bar": False, "wandb": {"mode": "offline", "project": "t"}})
+    train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4)
+    history = dict(m.wandb.summary)
+    m.close()
+    assert history["loss"] in {r["loss"] for r in rows(spec).values()}
+    assert {"loss/mmc4", "loss/laion", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "eta_s"} <= set(history)
+    assert list((spec.run.run_dir / "wandb").glob("offline-run-*"))

@@ -1,0 +1,57 @@
+"""DeepSpeed precisions in one process: fp16 loss scaling with skipped steps counted, bf16 and torch_autocast
+(amp_bf16) losses close to fp32's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engines_standin import StandInData, tiny_spec_dict
+from of_ds.spec import RunSpec
+from of_ds.train.checkpoint import CheckpointManager, TrainState
+
+
+def run(tiny_tokenizer_dir, runtime, tmp_path, precision, config=None, steps=3):
+    from of_ds.engines import build_engine
+    from of_ds.engines.deepspeed_config import resolve_deepspeed_config
+    from of_ds.model import build_flamingo
+    from of_ds.train.loop import train_loop
+    from of_ds.train.metrics import Metrics
+    from of_ds.train.session import seed_everything
+
+    d = tiny_spec_dict(tiny_tokenizer_dir, str(tmp_path), engine={"kind": "deepspeed", "precision": precision, "zero_stage": 2})
+    d["run"]["name"] = precision
+    d["checkpoint"]["every_n_steps"] = 100
+    if config is not None:
+        path = tmp_path / f"{precision}.json"
+        path.write_text(json.dumps(config))
+        d["engine"]["deepspeed_config"] = str(path)
+    spec = RunSpec.from_dict(d)
+    ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
+    seed_everything(0)
+    model, _, tok = build_flamingo(spec.model)
+    engine = build_engine(model, spec, runtime, steps, ds_config)
+    ck = CheckpointManager(spec.run.run_dir, 1, 100, runtime)
+    state = train_loop(engine, StandInData(spec, tok), spec, runtime, ck, Metrics(spec, runtime, spec.run.run_dir, steps), TrainState(), steps)
+    rows = [json.loads(l) for l in (spec.run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return engine, state, rows
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(tiny_tokenizer_dir, runtime, tmp_path):
+    cfg = {"fp16": {"enabled": "auto", "initial_scale_power": 40, "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1}}
+    engine, state, rows = run(tiny_tokenizer_dir, runtime, tmp_path, "fp16", cfg)
+    assert engine.engine.fp16_enabled() and next(engine.module.parameters()).dtype == torch.float16
+    assert state.skipped_steps >= 1 and rows[-1]["skipped_steps"] == state.skipped_steps
+    assert engine.engine.optimizer.loss_scale < 2.0**40  # the scaler backed off
+
+
+def test_bf16_and_autocast_close_to_fp32(tiny_tokenizer_dir, runtime, tmp_path):
+    ref = run(tiny_tokenizer_dir, runtime, tmp_path, "fp32")[2]
+    for precision in ("bf16", "amp_bf16"):
+        engine, _, rows = run(tiny_tokenizer_dir, runtime, tmp_path, precision)
+        if precision == "amp_bf16":
+            assert engine.engine.torch_autocast_enabled() and next(engine.module.parameters()).dtype == torch.float32
+        for a, b in zip(rows, ref):
+            assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), precision

@@ -20,10 +20,11 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 [ -f launch/train.py ] || { echo "slurm_train.sh: submit from the of_ds repository root" >&2; exit 2; }
-# the first node of the allocation hosts rank 0 and the rendezvous
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+[ "${#NODES[@]}" -gt 0 ] || { echo "slurm_train.sh: no nodes in SLURM_JOB_NODELIST" >&2; exit 2; }
+MASTER_ADDR="${NODES[0]}"  # the first node of the allocation hosts rank 0 and the rendezvous
 HOSTFILE="${HOSTFILE:-$PWD/.slurm_hostfile.$SLURM_JOB_ID}"
-scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${GPUS_PER_NODE}/" > "$HOSTFILE"
+printf "%s slots=${GPUS_PER_NODE}\n" "${NODES[@]}" > "$HOSTFILE"
 export MASTER_ADDR MASTER_PORT
 
 echo "of_ds: ${SLURM_JOB_NUM_NODES} nodes x ${GPUS_PER_NODE} GPUs, master ${MASTER_ADDR}:${MASTER_PORT}, hostfile ${HOSTFILE}"

@@ -5,6 +5,10 @@
 - `OUT/raw/`: MMC4-style document shards `docs_shard_{i}_v2.jsonl.zip` and images `raw/images/<i>/<image_name>`,
   converted by `of_ds.convert` into `OUT/mmc4/{000000..000003}.tar` (+ `sizes.json`, `convert_report.json`);
 - `OUT/tokenizer/`: a byte-level BPE (vocabulary 1000) trained on every caption and sentence;
+- `OUT/lm/`: a small LLaMA-style causal LM pretrained on the same text (a few seconds on the CPU), so the demo
+  Flamingo has what the real recipe has: a frozen LM that knows the language, and cross-attention to learn;
+- `OUT/vit.pt`: a tiny open_clip ViT (`DEMO_VIT`) pretrained to tell the photos apart, the demo's stand-in for a
+  CLIP checkpoint (loaded through open_clip's local-checkpoint path, frozen during training);
 - `OUT/photos/<name>.jpg`: each source photo, whole, to caption with `tools/generate` after training;
 - `OUT/DONE` last: a directory without it is regenerated.
 
@@ -39,7 +43,7 @@ LAION_PER_SHARD = 64
 DOCS_PER_SHARD = 40
 MIN_JPEG_BYTES = 12_000  # above the loader's default min_image_bytes (10,000)
 TOKENIZER_VOCAB = 1000
-EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "photos", "DONE")
+EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "lm", "vit.pt", "photos", "DONE")
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,91 @@ def write_mmc4_raw(raw: Path, photos: dict[str, np.ndarray], rng: random.Random)
     return sentences
 
 
+DEMO_LM = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+LM_STEPS, LM_BATCH, LM_LR = 300, 64, 3e-3
+
+
+def pretrain_demo_lm(texts: list[str], tokenizer_dir: Path, out: Path) -> Path:
+    """Train the demo's causal LM on `texts` (each followed by eos) and save it as an HF model dir."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(SEED)
+    config = AutoConfig.for_model(**DEMO_LM, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = [tok(t + tok.eos_token).input_ids[:64] for t in sorted(set(texts))]
+    opt = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LM_LR, total_steps=LM_STEPS, pct_start=0.1)
+    rng = random.Random(SEED)
+    model.train()
+    for _ in range(LM_STEPS):
+        batch = [ids[rng.randrange(len(ids))] for _ in range(LM_BATCH)]
+        width = max(map(len, batch))
+        input_ids = torch.tensor([b + [tok.eos_token_id] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.save_pretrained(out)
+    return out
+
+
+DEMO_VIT_NAME = "demo-vit-tiny"
+DEMO_VIT = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
+VIT_STEPS, VIT_BATCH, VIT_LR, VIT_VIEWS = 80, 32, 2e-3, 16
+
+
+def pretrain_demo_vit(photos: dict[str, np.ndarray], out: Path) -> Path:
+    """Train the demo ViT to classify which photo a random crop comes from; save the open_clip state dict."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    from of_ds.model.vision import register_open_clip_config
+
+    register_open_clip_config(DEMO_VIT_NAME, DEMO_VIT)
+    torch.manual_seed(SEED)
+    clip = open_clip.create_model(DEMO_VIT_NAME, pretrained=None)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    rng = random.Random(SEED)
+    views, labels = [], []
+    for label, p in enumerate(PHOTOS):  # random crops, resized straight to 224 (no JPEG round trip: fast)
+        arr = photos[p.name]
+        h, w = arr.shape[:2]
+        for _ in range(VIT_VIEWS):
+            side = int(min(h, w) * rng.uniform(0.5, 1.0))
+            y, x = rng.randint(0, h - side), rng.randint(0, w - side)
+            im = Image.fromarray(arr[y : y + side, x : x + side]).resize((224, 224), Image.BICUBIC)
+            views.append((torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 - mean) / std)
+            labels.append(label)
+    views, labels = torch.stack(views), torch.tensor(labels)
+    head = torch.nn.Linear(DEMO_VIT["embed_dim"], len(PHOTOS))
+    params = list(clip.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=VIT_LR)
+    gen = torch.Generator().manual_seed(SEED)
+    clip.visual.train()
+    for _ in range(VIT_STEPS):
+        idx = torch.randint(len(views), (VIT_BATCH,), generator=gen)
+        x = views[idx]
+        flip = torch.rand(VIT_BATCH, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        loss = F.cross_entropy(head(clip.visual(x)), labels[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.save(clip.state_dict(), out)
+    return out
+
+
 def write_photos(out: Path, photos: dict[str, np.ndarray]) -> None:
     """Each whole photo, shorter side 256 px, for users to caption after training."""
     out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +324,8 @@ def make_demo_data(out: str | Path) -> Path:
         output_dir=str(out / "mmc4"), image_layout="number", progress=False,
     ))
     train_bpe_tokenizer(captions + sentences, out / "tokenizer", vocab_size=TOKENIZER_VOCAB)
+    pretrain_demo_lm(captions + sentences, out / "tokenizer", out / "lm")
+    pretrain_demo_vit(photos, out / "vit.pt")
     write_photos(out / "photos", photos)
     (out / "DONE").write_text("demo data complete\n")
     return out

@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The venv's bin first, as `make test` does: DeepSpeed JIT-builds its CPU shm op with whichever `ninja` is on PATH,
+# and the venv's ninja (1.13) and Debian's (1.11) hash .ninja_log differently, so mixing them rebuilds it every time.
+_venv_bin = os.path.dirname(os.path.abspath(__import__("sys").executable))
+if not os.environ.get("PATH", "").startswith(_venv_bin + os.pathsep):
+    os.environ["PATH"] = _venv_bin + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # noqa: E402
 

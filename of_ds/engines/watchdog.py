@@ -106,7 +106,7 @@ class Watchdog:
             self._thread.join(timeout=self.interval_s * 3)
         try:
             self.store.set(f"beat/{self.rank}", _FAILED if failed else _DONE)
-        except Exception:  # the store may already be gone at teardown; nothing left to tell
+        except RuntimeError:  # c10d errors: the store may already be gone at teardown; nothing left to tell
             pass
 
     # --------------------------------------------------------------------------------------------- internals
@@ -122,7 +122,7 @@ class Watchdog:
             try:  # tell the others before the store (served by this process) goes away with it
                 self.store.set(_FAILED, self.blamed)
                 time.sleep(min(3 * self.interval_s, 5.0))
-            except Exception:
+            except RuntimeError:  # c10d errors: the others will find out from the lost store
                 pass
         self.on_failure(self.blamed)
 
@@ -148,7 +148,7 @@ class Watchdog:
                 present = [r for r in watched if self.store.check([f"beat/{r}"])]
                 values = self.store.multi_get([f"beat/{r}" for r in present]) if present else []
                 last_contact = now
-            except Exception:  # the store lives in rank 0: losing it means rank 0 is gone (or its network)
+            except RuntimeError:  # c10d errors (DistError): the store lives in rank 0, so rank 0 (or its network) is gone
                 if self._stop.is_set() or last_change.get(0) == float("inf"):
                     return  # we are ending, or rank 0 said it was done before its store went away
                 if now - last_contact > self.timeout_s:
@@ -185,7 +185,7 @@ def start_watchdog(
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if run_dir is not None and rank is not None:
+    if run_dir is not None:
         write_rank_file(run_dir, rank, world)
     if world < 2 or timeout_s <= 0:
         return None

@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image", action="append", default=[], required=True, help="image file, one per <image> in the prompt")
     p.add_argument("--prompt", default="<image>", help="text with one <image> per --image (default: '<image>')")
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=None, help="only this search (default: greedy and beam search of 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -88,11 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     model.to(args.device).eval()
     pixels = torch.stack([processor(Image.open(f).convert("RGB")) for f in args.image])[None].to(args.device)
     enc = tok([args.prompt], return_tensors="pt")
-    out = model.generate(
-        pixels, enc.input_ids.to(args.device), enc.attention_mask.to(args.device),
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-    )
-    print(tok.decode(out[0, enc.input_ids.shape[1]:]))
+
+    def continuation(num_beams: int, skip_special: bool) -> str:
+        out = model.generate(
+            pixels, enc.input_ids.to(args.device), enc.attention_mask.to(args.device),
+            max_new_tokens=args.max_new_tokens, num_beams=num_beams,
+        )
+        return tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=skip_special)
+
+    if args.num_beams is not None:
+        print(continuation(args.num_beams, skip_special=False))
+        return 0
+    print(f"prompt:           {args.prompt}")
+    print(f"greedy:           {continuation(1, skip_special=True).strip()}")
+    print(f"beam search (3):  {continuation(3, skip_special=True).strip()}")
     return 0
 
 

@@ -97,6 +97,12 @@ def _ssh_config_block(port: int, key: Path, known_hosts: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory) -> Path:
+    """Where the demo dataset is generated (by the first run that needs it) and shared by every run of the session."""
+    return tmp_path_factory.mktemp("demo") / "demo_data"
+
+
+@pytest.fixture(scope="session")
 def loopback_cluster(tmp_path_factory) -> LoopbackCluster:
     sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
     _require(sshd is not None, "sshd (Debian package openssh-server)")

@@ -35,3 +35,27 @@ def run_launcher(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: floa
             proc.wait(timeout=30)
             rc = -9
     return rc, log.read_text(), time.monotonic() - start
+
+
+DEMO_SPEC = REPO / "launch" / "specs" / "demo.yaml"
+
+
+def demo_overrides(data_dir: Path) -> list[str]:
+    """`key=value` overrides that move every `demo_data/...` path of the demo spec under `data_dir`, so runs from any
+    working directory share one generated demo dataset."""
+    import yaml
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{where}.{k}" if where else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                name = v.get("name") if isinstance(v, dict) else None
+                yield from walk(v, f"{where}.{name if name else i}")
+        elif isinstance(node, str) and (node == "demo_data" or node.startswith("demo_data/")):
+            # YAML-quoted: under pdsh the remote shell would brace-expand {000000..000003} (the override parser
+            # strips the quotes again)
+            yield f"{where}='{data_dir}{node[len('demo_data'):]}'"
+
+    return list(walk(yaml.safe_load(DEMO_SPEC.read_text()), ""))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
-from .launch import run_launcher
+from .launch import DEMO_SPEC, demo_overrides, run_launcher
 
 pytestmark = pytest.mark.slow
 NODES = ("127.0.0.1", "127.0.0.2")
@@ -33,7 +33,7 @@ def _script(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_slurm_script_runs_one_launcher_per_node(tmp_path):
+def test_slurm_script_runs_one_launcher_per_node(demo_data_dir, tmp_path):
     shims = tmp_path / "bin"
     shims.mkdir()
     _script(shims / "srun", SRUN)
@@ -41,19 +41,14 @@ def test_slurm_script_runs_one_launcher_per_node(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    data = tmp_path / "demo_data"
     env = dict(
         os.environ, PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="42",
         SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1", MASTER_PORT=str(port),
         HOSTFILE=str(tmp_path / "hostfile"),
     )
-    sets = [
-        f"run.output_dir={tmp_path}", "run.max_steps=2", "logging.progress_bar=false", f"run.demo_data={data}",
-        f"model.tokenizer={data}/tokenizer", f"data.datasets.laion.shards={data}/laion/{{000000..000003}}.tar",
-        f"data.datasets.mmc4.shards={data}/mmc4/{{000000..000003}}.tar",
-    ]
-    args = [str(REPO / "launch/slurm_train.sh"), "--spec", "launch/specs/demo.yaml"]
+    sets = [*demo_overrides(demo_data_dir), f"run.output_dir={tmp_path}", "run.max_steps=2", "logging.progress_bar=false"]
+    args = [str(REPO / "launch/slurm_train.sh"), "--spec", str(DEMO_SPEC)]
     for s in sets:
         args += ["--set", s]
     rc, out, secs = run_launcher(["bash", *args], tmp_path, env, 420, tmp_path / "slurm.log")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from .conftest import REPO
-from .launch import deepspeed_cmd, run_launcher
+from .launch import DEMO_SPEC, deepspeed_cmd, demo_overrides, run_launcher
 
 TRAIN = REPO / "launch" / "train.py"
 pytestmark = pytest.mark.slow
@@ -26,12 +26,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _train_args(out: Path, max_steps: int, *extra: str) -> list[str]:
+def _train_args(data: Path, out: Path, max_steps: int, *extra: str) -> list[str]:
     sets = [
-        f"run.output_dir={out}", f"run.max_steps={max_steps}", "checkpoint.every_n_steps=2",
+        *demo_overrides(data), f"run.output_dir={out}", f"run.max_steps={max_steps}", "checkpoint.every_n_steps=2",
         "logging.every_n_steps=1", "logging.progress_bar=false", *extra,
     ]
-    args = ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), "--spec", str(REPO / "launch/specs/demo.yaml")]
+    args = ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), "--spec", str(DEMO_SPEC)]
     for s in sets:
         args += ["--set", s]
     return args
@@ -42,8 +42,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _run(cluster, tmp_path, name, out, max_steps, *extra, local=False, nproc=2):
-    cmd = deepspeed_cmd(None if local else cluster, _port(), TRAIN, _train_args(out, max_steps, *extra))
+def _run(cluster, data, tmp_path, name, out, max_steps, *extra, local=False, nproc=2):
+    cmd = deepspeed_cmd(None if local else cluster, _port(), TRAIN, _train_args(data, out, max_steps, *extra))
     if local and nproc != 2:
         cmd[cmd.index("--num_gpus") + 1] = str(nproc)
     return run_launcher(cmd, cluster.workdir, cluster.env(), LAUNCH_TIMEOUT_S, tmp_path / f"{name}.log")
@@ -58,27 +58,27 @@ def _assert_complete(step_dir: Path, world: int) -> None:
         torch.load(pt, map_location="cpu", weights_only=False)
 
 
-def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, tmp_path):
+def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, demo_data_dir, tmp_path):
     multi, local = tmp_path / "multi", tmp_path / "local"
-    rc, out, t1 = _run(loopback_cluster, tmp_path, "multi1", multi, 2)
+    rc, out, t1 = _run(loopback_cluster, demo_data_dir, tmp_path, "multi1", multi, 2)
     assert rc == 0, out[-5000:]
     ranks = {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (multi / "demo/ranks").glob("*.json")}
     assert {r: v["node_address"] for r, v in ranks.items()} == {0: "127.0.0.1", 1: "127.0.0.2"}
     _assert_complete(multi / "demo/checkpoints/step-00000002", world=2)
 
-    rc, out, t2 = _run(loopback_cluster, tmp_path, "multi2", multi, 4)
+    rc, out, t2 = _run(loopback_cluster, demo_data_dir, tmp_path, "multi2", multi, 4)
     assert rc == 0, out[-5000:]
     assert "resumed from" in out and "step-00000002 at step 2" in out, out[-5000:]
     _assert_complete(multi / "demo/checkpoints/step-00000004", world=2)
 
-    rc, out, t3 = _run(loopback_cluster, tmp_path, "local", local, 4, local=True)
+    rc, out, t3 = _run(loopback_cluster, demo_data_dir, tmp_path, "local", local, 4, local=True)
     assert rc == 0, out[-5000:]
     got, want = _losses(multi / "demo"), _losses(local / "demo")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
 
     # a different world size cannot reshape ZeRO-2 partitions: a clear error, not a hang
-    rc, out, t4 = _run(loopback_cluster, tmp_path, "one_rank", multi, 6, local=True, nproc=1)
+    rc, out, t4 = _run(loopback_cluster, demo_data_dir, tmp_path, "one_rank", multi, 6, local=True, nproc=1)
     assert rc != 0 and rc != -9, out[-5000:]
     assert "written by 2 ranks but this run has 1" in out and "ds_to_universal" in out, out[-5000:]
 
@@ -89,7 +89,7 @@ def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, tmp_path):
     rc, out, t5 = run_launcher(convert, tmp_path, loopback_cluster.env(), 300, tmp_path / "universal.log")
     assert rc == 0, out[-5000:]
     job = [sys.executable, str(Path(__file__).with_name("universal_load_job.py")), str(universal), str(step4),
-           str(tmp_path / "universal.json"), "--", *_train_args(tmp_path / "one", 6)]
+           str(tmp_path / "universal.json"), "--", *_train_args(demo_data_dir, tmp_path / "one", 6)]
     rc, out, t6 = run_launcher(job, loopback_cluster.workdir, loopback_cluster.env(), 300, tmp_path / "load.log")
     assert rc == 0, out[-5000:]
     loaded = json.loads((tmp_path / "universal.json").read_text())
@@ -99,10 +99,10 @@ def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, tmp_path):
           f"universal convert {t5:.0f} + load {t6:.0f}")
 
 
-def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, tmp_path):
+def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, demo_data_dir, tmp_path):
     out_dir = tmp_path / "kill"
     run_dir = out_dir / "demo"
-    args = _train_args(out_dir, 200, "engine.heartbeat_timeout_s=5")
+    args = _train_args(demo_data_dir, out_dir, 200, "engine.heartbeat_timeout_s=5")
     cmd = deepspeed_cmd(loopback_cluster, _port(), TRAIN, args)
     env = dict(loopback_cluster.env(), PYTHONPATH=str(REPO))
     log = tmp_path / "kill.log"

@@ -1,7 +1,9 @@
-"""The heartbeat watchdog on a real c10d TCPStore, in one process: who gets blamed, and how fast."""
+"""The heartbeat watchdog on a real c10d TCPStore: who gets blamed, how fast, and what the excepthook lets through."""
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -112,3 +114,35 @@ def test_rank_file_and_helpers(tmp_path, monkeypatch):
     assert collective_timeout(90).total_seconds() == 90
     monkeypatch.delenv("SSH_CONNECTION")
     assert node_address() == socket.gethostname() or node_address() == __import__("os").environ.get("SLURMD_NODENAME")
+
+
+_RANK1 = """
+import sys
+from datetime import timedelta
+import torch.distributed as dist
+from of_ds.engines.watchdog import Watchdog, _install_excepthook
+store = dist.TCPStore("127.0.0.1", {port}, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
+dog = Watchdog(dist.PrefixStore("wd", store), 1, 2, timeout_s=1.5, interval_s=0.1).start()
+_install_excepthook(dog)
+raise {error}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error", ["RuntimeError('Connection closed by peer')", "TypeError('a bug of ours')"])
+def test_excepthook_names_the_dead_peer_but_never_hides_our_bugs(error):
+    """A backend error waits for the watchdog to name the dead peer; any other error leaves at once, as itself."""
+    server, _ = _store_pair()
+    server.set("wd/host/0", "10.0.0.1")
+    server.set("wd/beat/0", "0")  # rank 0 beats once, then is "dead"
+    code = _RANK1.format(port=server.port, error=error)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    secs = time.monotonic() - t0
+    if error.startswith("RuntimeError"):
+        assert proc.returncode == 17, proc.stderr
+        assert "rank 0 (host 10.0.0.1) stopped responding; exiting" in proc.stderr
+    else:
+        assert proc.returncode == 1 and "TypeError: a bug of ours" in proc.stderr
+        assert "stopped responding" not in proc.stderr and secs < 15
+        assert server.get("wd/beat/1") == b"failed"  # rank 0 would report "rank 1 (host ...) failed" at once

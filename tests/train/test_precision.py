@@ -51,6 +51,8 @@ def test_bf16_and_autocast_close_to_fp32(tiny_tokenizer_dir, runtime, tmp_path):
     ref = run(tiny_tokenizer_dir, runtime, tmp_path, "fp32")[2]
     for precision in ("bf16", "amp_bf16"):
         engine, _, rows = run(tiny_tokenizer_dir, runtime, tmp_path, precision)
+        in_optimizer = sum(p.numel() for g in engine.engine.basic_optimizer.param_groups for p in g["params"])
+        assert in_optimizer == sum(p.numel() for p in engine.module.parameters() if p.requires_grad)  # no frozen weights
         if precision == "amp_bf16":
             assert engine.engine.torch_autocast_enabled() and next(engine.module.parameters()).dtype == torch.float32
         for a, b in zip(rows, ref):

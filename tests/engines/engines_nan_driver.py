@@ -1,0 +1,47 @@
+"""Run under torchrun (2 ranks): rank 1 alone gets a NaN image at micro-step 2; every rank must skip that update.
+Writes OUT/rank{R}.json with the skip count, the per-step skipped flags and a checksum of the trainable weights."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
+
+
+class NaNOnRank1(StandInData):
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.rank == 1 and self.index == 2:
+                batch["mmc4"]["pixel_values"][0] = float("nan")
+            yield batch
+
+
+def main(tok_dir: str, out: str, kind: str) -> None:
+    from of_ds.engines import build_engine
+    from of_ds.model import build_flamingo
+    from of_ds.runtime import build_runtime
+    from of_ds.spec import RunSpec
+    from of_ds.train.loop import optimizer_step
+    from of_ds.train.metrics import Metrics
+    from of_ds.train.session import seed_everything
+
+    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": kind, "precision": "fp32", "zero_stage": 2}))
+    rt = build_runtime(spec.engine)
+    seed_everything(0)
+    model, _, tok = build_flamingo(spec.model)
+    engine = build_engine(model, spec, rt, total_steps=4)
+    data = NaNOnRank1(spec, tok, rank=rt.rank)
+    data.set_epoch(0)
+    batches, metrics = iter(data), Metrics(spec, rt, Path(out) / "run", 4)
+    flags = [optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped for _ in range(3)]
+    checksum = sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()) if kind != "deepspeed" or engine.zero_stage < 3 else None
+    Path(out, f"rank{rt.rank}.json").write_text(json.dumps({"skipped": flags, "checksum": checksum}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -36,7 +36,7 @@ def env() -> dict:
 
 
 def launch(cwd: Path, how: str, name: str, sets: list[str] = (), ds_config: str | None = None, nproc: int = 2,
-           timeout: int = 300, check: bool = True, extra: list[str] = ()) -> subprocess.CompletedProcess:
+           timeout: int = 600, check: bool = True, extra: list[str] = ()) -> subprocess.CompletedProcess:
     """how: deepspeed | torchrun | python."""
     args = ["--spec", str(DEMO_SPEC)]
     if ds_config:

@@ -43,10 +43,16 @@ class Engine(Protocol):
 
 
 def move_batch(batch: Batch, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """To the device; only floating tensors (pixels) are cast, never token ids (the original's bug B3)."""
+    """To the device; only floating tensors (pixels) are cast, never token ids (the original's bug B3).
+
+    `num_images` stays on the host: the model reads it to pick the real images, which would otherwise be a
+    device-to-host sync every step."""
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):
+            continue
+        if k == "num_images":
+            out[k] = v
             continue
         v = v.to(device, non_blocking=True)
         out[k] = v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v

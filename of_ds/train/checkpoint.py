@@ -71,6 +71,18 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """A complete step folder, or the newest complete one under a run dir or its checkpoints dir."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a step-*/ folder with COMPLETE) here or under checkpoints/")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

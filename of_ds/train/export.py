@@ -17,19 +17,7 @@ from pathlib import Path
 import torch
 
 from ..spec import RunSpec
-from .checkpoint import complete_checkpoints, is_complete
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A step folder, or the newest complete one under a run dir or its checkpoints dir."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    for root in (path / "checkpoints", path):
-        found = complete_checkpoints(root)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"{path}: no complete checkpoint (a step-*/ folder with COMPLETE) here or under checkpoints/")
+from .checkpoint import find_checkpoint
 
 
 def read_trainable_weights(step_dir: Path) -> dict[str, torch.Tensor]:

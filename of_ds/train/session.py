@@ -11,7 +11,7 @@ import torch
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from .checkpoint import CheckpointManager, TrainState, complete_checkpoints, is_complete
+from .checkpoint import CheckpointManager, TrainState, find_checkpoint
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -80,13 +80,10 @@ def find_resume_point(spec: RunSpec, checkpoints: CheckpointManager) -> Optional
         path = Path(src)
         if path.is_file():
             return path  # an original OpenFlamingo checkpoint.pt: loaded into the model before the engine wraps it
-        if is_complete(path):
-            return path
-        for root in (path / "checkpoints", path):
-            found = complete_checkpoints(root)
-            if found:
-                return found[-1]
-        raise FileNotFoundError(f"checkpoint.resume_from: no complete checkpoint (step-*/COMPLETE) under {path}")
+        try:
+            return find_checkpoint(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"checkpoint.resume_from: {e}") from None
     if spec.checkpoint.resume == "auto":
         return checkpoints.latest()
     return None

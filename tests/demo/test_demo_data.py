@@ -121,3 +121,12 @@ def test_demo_spec_loaders_fill_batches(demo):
             if name == "mmc4":
                 media = tok.convert_tokens_to_ids("<image>")
                 assert ((b["input_ids"] == media).sum(1) == b["num_images"]).all()
+
+
+def test_demo_spec_builds_the_vit_that_make_demo_data_pretrains():
+    """launch/specs/demo.yaml loads demo_data/vit.pt: its open_clip config must be the one the weights were made for."""
+    from of_ds.demo import DEMO_VIT, DEMO_VIT_NAME
+    from of_ds.spec import RunSpec
+
+    vision = RunSpec.from_yaml(REPO / "launch" / "specs" / "demo.yaml").model.vision
+    assert (vision.name, vision.config, vision.pretrained) == (DEMO_VIT_NAME, DEMO_VIT, "demo_data/vit.pt")

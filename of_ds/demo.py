@@ -252,7 +252,7 @@ DEMO_VIT = {
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
-VIT_STEPS, VIT_BATCH, VIT_LR, VIT_VIEWS = 80, 32, 2e-3, 16
+VIT_STEPS, VIT_BATCH, VIT_LR, VIT_VIEWS = 150, 32, 2e-3, 16
 
 
 def pretrain_demo_vit(photos: dict[str, np.ndarray], out: Path) -> Path:

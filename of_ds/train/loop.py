@@ -26,12 +26,13 @@ def optimizer_steps_per_epoch(micro_steps_per_epoch: int, grad_accum_steps: int)
 def optimizer_step(engine, batches: Iterator, weights: Mapping[str, float], runtime: Runtime, metrics) -> StepStats:
     """GA micro-steps (one backward each, on the weighted sum of dataset losses), then one engine step.
     A non-finite loss on any rank makes every rank skip the update (decided with one collective: bug B6)."""
-    bad = torch.zeros((), dtype=torch.bool)
+    bad = None  # stays on the loss's device: one host sync per optimizer step (the all-reduce), not per micro-step
     for _ in range(engine.grad_accum_steps):
         with metrics.data_wait_timer():
             batch = next(batches)
         losses = engine.forward(batch, weights)
-        bad |= ~torch.isfinite(losses["loss"].detach()).cpu()
+        finite = torch.isfinite(losses["loss"].detach())
+        bad = ~finite if bad is None else bad | ~finite
         engine.backward(losses["loss"])
         metrics.observe(batch, losses)
     return engine.step(skip=runtime.all_reduce_max(float(bad)) > 0)
@@ -57,7 +58,7 @@ def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointMana
             if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise FloatingPointError(f"{consecutive_skips} optimizer steps in a row skipped (non-finite loss or gradients) at step {state.step}")
             runtime.heartbeat(state.step)
-            metrics.step(state.step, stats, state, data.drop_counts())
+            metrics.step(state.step, stats, state, data.drop_counts() if metrics.should_log(state.step) else None)
             if checkpoints.should_save(state.step, total_steps):
                 checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()})
     return state

@@ -147,7 +147,12 @@ class EngineSpec(_Section):
     activation_checkpointing: bool = Field(False, description="Recompute decoder layers and cross-attention blocks.")
     deepspeed_config: Optional[str] = Field(None, description="A ds_configs/*.json file; `auto` values are filled from the spec.")
     fsdp_sharding: Literal["full", "hybrid"] = "full"
-    compile: bool = Field(False, description="torch.compile the cross-attention blocks.")
+    compile: bool = Field(False, description="torch.compile the parts named in compile_targets.")
+    compile_targets: list[Literal["cross_attn", "lm_layers", "perceiver", "vision"]] = Field(
+        default_factory=lambda: ["cross_attn"],
+        description="With compile: cross_attn (the gated blocks), lm_layers (each block with its decoder layer), "
+        "perceiver, vision (the frozen tower).",
+    )
     dist_backend: Optional[str] = Field(None, description="nccl on GPUs, gloo on CPU when null.")
     dist_url: str = "env://"
     set_device_rank: bool = Field(True, description="Use cuda:<local_rank> (false: cuda:0, the original's --no-set-device-rank).")

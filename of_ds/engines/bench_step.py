@@ -1,8 +1,8 @@
 """`tools/bench_step --spec launch/specs/openflamingo-3b.yaml`: time training steps of a spec's model on random
 batches of its shapes, and print one JSON line (step time, samples/s, TFLOP/s, MFU, peak memory).
 
-Nothing is downloaded: an LM given by hub name is replaced by a randomly initialised MPT-1B-class config (the
-recipe's: d_model 2048, 24 layers, 16 heads, vocab 50432), the vision tower is built unpretrained, and the tokenizer
+Nothing is downloaded: an LM given by hub name is replaced by a randomly initialised config of its size (MPT-1B:
+d_model 2048, 24 layers, 16 heads; MPT-7B: 4096, 32, 32; vocab 50432; unknown names get MPT-1B), the vision tower is built unpretrained, and the tokenizer
 is a local word-level vocabulary of the LM's size. `--tiny` shrinks model and batches so it runs on a CPU.
 FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every image slot counted).
 """
@@ -22,6 +22,9 @@ import torch
 from ..spec import RunSpec
 
 MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_layers": 24, "n_heads": 16, "vocab_size": 50432, "max_seq_len": 2048, "expansion_ratio": 4}
+MPT_7B = {**MPT_1B, "d_model": 4096, "n_layers": 32, "n_heads": 32}
+# the recipes' hub LMs, by size (random init at these shapes); any other hub name gets MPT_1B
+KNOWN_LM_CONFIGS = {"anas-awadalla/mpt-1b-redpajama-200b": MPT_1B, "anas-awadalla/mpt-7b": MPT_7B, "mosaicml/mpt-7b": MPT_7B}
 MPT_1B_TOKENS = 50277  # GPT-NeoX tokenizer size; the matrix is padded to 50432
 TINY_SETS = [
     "model.lm.config={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: false}",
@@ -52,7 +55,8 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path) -> R
     m["offline"] = True
     m["vision"]["pretrained"] = None
     if m["lm"]["config"] is None:
-        m["lm"].update(config=dict(MPT_1B), name_or_path=None, trust_remote_code=False)
+        config = KNOWN_LM_CONFIGS.get(m["lm"]["name_or_path"], MPT_1B)
+        m["lm"].update(config=dict(config), name_or_path=None, trust_remote_code=False)
     lm_vocab = m["lm"]["config"].get("vocab_size", 1000 if tiny else MPT_1B["vocab_size"])
     n_tokens = min(MPT_1B_TOKENS, lm_vocab) if not tiny else lm_vocab - 8
     m["tokenizer"] = str(synthetic_tokenizer(n_tokens, tmp / "tokenizer"))
@@ -84,9 +88,12 @@ def random_batches(spec: RunSpec, model, image_size: int, generator: torch.Gener
     return out
 
 
-def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None) -> dict:
+def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None, breakdown: bool = False,
+              trace: str | None = None, cprofile: str | None = None) -> dict:
+    """Time `steps` training steps after `warmup`; `breakdown` adds seconds per model part (one extra step),
+    `trace` writes a torch.profiler operator table of one more step to that file, `cprofile` a host profile."""
     from ..model import build_flamingo, count_parameters
-    from ..model.flops import count_step_flops
+    from ..model.flops import count_step_flops, forward_flops_by_part
     from ..runtime import build_runtime
     from ..train.metrics import device_peak_tflops
     from ..train.session import batch_shapes, seed_everything
@@ -102,25 +109,51 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None)
     size = meta.vision_encoder.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     flops = count_step_flops(meta, batch_shapes(spec, size)) * spec.optim.grad_accum_steps
+    fwd_parts = forward_flops_by_part(meta, batch_shapes(spec, size)) if breakdown else None
     del meta
-    model, _, _ = build_flamingo(spec.model)
+    t_build = time.perf_counter()
+    model, _, _ = build_flamingo(spec.model, device=runtime.device)
     counts = count_parameters(model)
-    engine = build_engine(model, spec, runtime, total_steps=steps + warmup, ds_config=ds_config)
+    engine = build_engine(model, spec, runtime, total_steps=steps + warmup + 1, ds_config=ds_config)
+    t_build = time.perf_counter() - t_build
     batches = random_batches(spec, engine.module, size, torch.Generator().manual_seed(0))
+    if runtime.device.type == "cuda":
+        batches = {k: {n: (t if n == "num_images" else t.pin_memory()) for n, t in b.items()} for k, b in batches.items()}
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
-    times = []
+
+    def train_step(mark=lambda part: None) -> torch.Tensor:
+        for _ in range(engine.grad_accum_steps):
+            loss = engine.forward(batches, weights)["loss"]
+            mark("head_loss_bwd")
+            engine.backward(loss)
+        mark("optimizer")
+        engine.step()
+        return loss.detach()
+
+    times, losses = [], []
     for i in range(warmup + steps):
         if i == warmup and runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
-        for _ in range(engine.grad_accum_steps):
-            engine.backward(engine.forward(batches, weights)["loss"])
-        engine.step()
+        losses.append(train_step())
         sync()
         times.append(time.perf_counter() - t)
     step_time = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median
+    parts = None
+    if breakdown:
+        if spec.engine.activation_checkpointing:
+            raise ValueError("--breakdown does not work with engine.activation_checkpointing (recompute runs in backward)")
+        from .step_profile import StepBreakdown, run_profiled_step
+
+        profiler = StepBreakdown(engine.module, runtime.device)
+        parts = {k: round(v, 5) for k, v in run_profiled_step(profiler, train_step, sync).items()}
+        profiler.remove()
+    if trace:
+        write_kernel_table(train_step, sync, trace)
+    if cprofile:
+        write_host_profile(train_step, sync, cprofile)
     samples = sum(d.batch_size for d in spec.data.datasets) * spec.optim.grad_accum_steps
     peak = peak_tflops or device_peak_tflops(runtime.device)
     tflops = flops / step_time / 1e12
@@ -135,7 +168,42 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None)
         "tflop_per_step": round(flops / 1e12, 3), "tflops": round(tflops, 2),
         "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None,
         "peak_mem_gib": round(mem, 2) if mem is not None else None, "steps": steps, "warmup": warmup,
+        "step_times_s": [round(t, 4) for t in times[warmup:]],
+        "loss_first": round(float(losses[0]), 5), "loss_last": round(float(losses[-1]), 5),
+        "build_s": round(t_build, 1), "compile": spec.engine.compile_targets if spec.engine.compile else [],
+        **({"breakdown_s": parts, "forward_tflop_by_part": {k: round(v / 1e12, 3) for k, v in fwd_parts.items()}} if parts else {}),
     }
+
+
+def write_host_profile(train_step, sync, path: str, rows: int = 60) -> None:
+    """cProfile one step (host side: where Python spends the step, waits on the device included) into `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    train_step()
+    sync()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(rows)
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows // 2)
+    Path(path).write_text(buf.getvalue())
+
+
+def write_kernel_table(train_step, sync, path: str, rows: int = 40) -> None:
+    """Profile one step with torch.profiler and write its top operators by device time to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof:
+        train_step()
+        sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=80))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: the device table)")
+    p.add_argument("--breakdown", action="store_true", help="add seconds per model part of one step (see engines/step_profile.py)")
+    p.add_argument("--trace", default=None, metavar="FILE", help="write a torch.profiler operator table of one step to FILE")
+    p.add_argument("--cprofile", default=None, metavar="FILE", help="write a cProfile (host side) of one step to FILE")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         spec = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp))
-        result = run_bench(spec, args.steps, args.warmup, args.peak_tflops)
+        result = run_bench(spec, args.steps, args.warmup, args.peak_tflops, args.breakdown, args.trace, args.cprofile)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)
     return 0

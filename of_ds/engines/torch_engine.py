@@ -8,6 +8,7 @@ any world size.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Mapping
 
@@ -47,9 +48,29 @@ def apply_fsdp(model: nn.Module, precision: str, hybrid: bool) -> nn.Module:
     return model
 
 
+# No buffer sync before each forward: our buffers are constants, and NCCL's in-place broadcast before the second
+# dataset's forward bumped the version of `new_tokens.new_ids`, which the first forward's graph had saved (seen on
+# an H200 at the 3B recipe). torch >= 2.14 spells it forward_sync_buffers.
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen weight matrices (vision tower, LM: Linear, Conv, Embedding) in `dtype`, which autocast casts
+    them to on every forward anyway. Trainable weights stay fp32 (the optimizer's master copy), and so do 1-D
+    parameters (norm weights, biases): autocast runs norms in fp32 on CUDA, and CPU norms need fp32 weights."""
+    for p in model.parameters():
+        if not p.requires_grad and p.ndim >= 2:
+            p.data = p.data.to(dtype)
+
+
 class TorchEngine:
     """DDP (`engine.kind=ddp`) or FSDP2 (`engine.kind=fsdp`). bf16/fp16 under DDP and amp_* everywhere run the
-    forward in torch autocast; fp16 uses a GradScaler (DDP) and skipped steps are counted."""
+    forward in torch autocast; fp16 uses a GradScaler (DDP) and skipped steps are counted. DDP bf16/fp16 also
+    store the frozen weight matrices in that dtype (amp_* keeps them fp32, as the original)."""
 
     def __init__(self, model: nn.Module, spec: RunSpec, runtime: Runtime, total_steps: int):
         eng = spec.engine
@@ -59,13 +80,15 @@ class TorchEngine:
         self.can_reshape = True
         model.set_activation_checkpointing(eng.activation_checkpointing)
         model.to(runtime.device)
+        if self.kind == "ddp" and eng.precision in ("bf16", "fp16"):
+            cast_frozen_parameters(model, _DTYPES[eng.precision])
         self.module = model
         if self.kind == "fsdp":
             self.wrapped = apply_fsdp(model, eng.precision, eng.fsdp_sharding == "hybrid")
             autocast_precision = eng.precision if eng.precision.startswith("amp_") else None
         else:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids) if runtime.distributed else model
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC) if runtime.distributed else model
             autocast_precision = eng.precision if eng.precision != "fp32" else None
         self.autocast_dtype = _DTYPES.get(autocast_precision) if autocast_precision else None
         self.scaler = torch.amp.GradScaler(runtime.device.type) if self.autocast_dtype == torch.float16 else None

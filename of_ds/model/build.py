@@ -23,15 +23,18 @@ def resolve_token_ids(tokenizer, base_vocab_size: int) -> TokenIds:
 
 
 def build_flamingo(model_spec: ModelSpec, *, device: str | torch.device = "cpu", meta: bool = False):
-    """-> (Flamingo, image_processor, tokenizer). `meta=True` builds on the meta device (no memory, no weights) for counting."""
+    """-> (Flamingo, image_processor, tokenizer), built directly on `device` (random init runs there too).
+
+    `meta=True` builds on the meta device (no memory, no weights) for counting."""
     tokenizer = load_tokenizer(
         model_spec.tokenizer or model_spec.lm.name_or_path,
         offline=model_spec.offline,
         trust_remote_code=model_spec.lm.trust_remote_code,
         cache_dir=model_spec.lm.cache_dir,
     )
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        visual, image_processor, vis_dim = build_vision_encoder(model_spec.vision, load_weights=not meta, device="meta" if meta else "cpu")
+    device = torch.device("meta" if meta else device)
+    with device if device.type != "cpu" else contextlib.nullcontext():
+        visual, image_processor, vis_dim = build_vision_encoder(model_spec.vision, load_weights=not meta, device=device)
         lm = build_language_model(model_spec.lm, offline=model_spec.offline, load_weights=not meta)
         token_ids = resolve_token_ids(tokenizer, lm.get_output_embeddings().weight.shape[0])
         model = Flamingo(

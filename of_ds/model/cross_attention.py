@@ -132,6 +132,10 @@ class FlamingoLayer(nn.Module):
             return checkpoint(self._run, hidden_states, *media, *args, use_reentrant=False, **kwargs)
         return self._run(hidden_states, *media, *args, **kwargs)
 
+    def compile_body(self, **compile_kwargs) -> None:
+        """`torch.compile` the block + decoder layer body as one function (the media are explicit inputs)."""
+        self._run = torch.compile(self._run, **compile_kwargs)
+
     def _run(self, hidden_states, latents, attn_mask, has_media, *args, **kwargs):
         if self.gated_cross_attn_layer is not None:
             hidden_states = self.gated_cross_attn_layer(hidden_states, latents, attn_mask, has_media)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,9 +136,25 @@ class Flamingo(nn.Module):
             layer.activation_checkpointing = enabled
 
     def compile_cross_attention(self, **compile_kwargs) -> None:
-        """`torch.compile` each gated cross-attention block in place (engine.compile)."""
+        """`torch.compile` each gated cross-attention block in place."""
         for block in self.cross_attention_blocks():
             block.compile(**compile_kwargs)
+
+    def compile_parts(self, targets: Sequence[str], **compile_kwargs) -> None:
+        """`torch.compile` in place (engine.compile): `cross_attn` blocks, `lm_layers` (each FlamingoLayer's block +
+        decoder layer as one graph; supersedes cross_attn), `perceiver`, `vision`."""
+        unknown = set(targets) - {"cross_attn", "lm_layers", "perceiver", "vision"}
+        if unknown:
+            raise ValueError(f"engine.compile_targets: unknown {sorted(unknown)}")
+        if "lm_layers" in targets:
+            for layer in self.flamingo_layers():
+                layer.compile_body(**compile_kwargs)
+        elif "cross_attn" in targets:
+            self.compile_cross_attention(**compile_kwargs)
+        if "perceiver" in targets:
+            self.perceiver.compile(**compile_kwargs)
+        if "vision" in targets:
+            self.vision_encoder.compile(**compile_kwargs)
 
     def train(self, mode: bool = True) -> "Flamingo":
         super().train(mode)

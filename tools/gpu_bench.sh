@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Step-speed measurements of the recipes on one GPU (issue 7), each variant its own `tools/bench_step` process.
+#   tools/gpu_bench.sh OUTDIR [VARIANT ...]      (default: every variant below, in order)
+# Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2
+# OUTDIR/ops_3b_z2.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt (cProfile). A failed variant writes {"name", "failed": true}.
+# On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step.
+set -uo pipefail
+out=${1:?usage: tools/gpu_bench.sh OUTDIR [VARIANT ...]}
+shift
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+S3=launch/specs/openflamingo-3b.yaml
+S9=launch/specs/openflamingo-9b.yaml
+STEPS=(--steps 8 --warmup 3)
+TINY_ARGS=()
+if [[ ${TINY:-0} == 1 ]]; then STEPS=(--steps 1 --warmup 1); TINY_ARGS=(--tiny); fi
+COMPILE=(--set engine.compile=true --set "engine.compile_targets=[lm_layers, perceiver, vision]")
+AC=(--set engine.activation_checkpointing=true)
+batch() { echo --set data.datasets.mmc4.batch_size="$1" --set data.datasets.laion.batch_size="$2"; }
+
+bench() {  # NAME LIMIT_S SPEC [bench_step args...]
+  local name=$1 limit=$2 spec=$3 line
+  shift 3
+  echo "== $name $(date +%T)" | tee -a "$out/log.txt"
+  line=$(timeout "$limit" python3 tools/bench_step --spec "$spec" "${TINY_ARGS[@]}" "$@" 2>>"$out/log.txt" | grep '^{' | tail -1)
+  if [[ $line == "{"* ]]; then
+    echo "{\"name\": \"$name\", ${line#\{}" | tee -a "$out/bench.jsonl"
+    return 0
+  fi
+  echo "{\"name\": \"$name\", \"failed\": true}" | tee -a "$out/bench.jsonl"
+  return 1
+}
+
+run_variant() {
+  case $1 in
+    3b_z2) bench 3b_z2 120 $S3 "${STEPS[@]}" --breakdown --trace "$out/ops_3b_z2.txt" ;;
+    3b_z2_compile) bench 3b_z2_compile 180 $S3 "${STEPS[@]}" "${COMPILE[@]}" \
+      || bench 3b_z2_compile_xattn 150 $S3 "${STEPS[@]}" --set engine.compile=true --set "engine.compile_targets=[cross_attn, perceiver]" ;;
+    3b_z2_host) bench 3b_z2_host 100 $S3 "${STEPS[@]}" --cprofile "$out/host_3b_z2.txt" ;;
+    3b_ddp_compile) bench 3b_ddp_compile 180 $S3 "${STEPS[@]}" --set engine.kind=ddp "${COMPILE[@]}" ;;
+    3b_ddp) bench 3b_ddp 100 $S3 "${STEPS[@]}" --set engine.kind=ddp ;;
+    3b_ddp_amp) bench 3b_ddp_amp 100 $S3 "${STEPS[@]}" --set engine.kind=ddp --set engine.precision=amp_bf16 ;;
+    9b_z2) bench 9b_z2 150 $S9 --steps 4 --warmup 2 ;;
+    9b_z3_ac) # the largest batch that fits: try 6x the recipe's, then 4x, then 2x
+      for k in 6 4 2; do
+        bench "9b_z3_ac_x$k" 150 $S9 --steps 2 --warmup 1 --set engine.zero_stage=3 "${AC[@]}" $(batch $((32 * k)) $((64 * k))) && break
+      done ;;
+    *) echo "unknown variant $1" >&2; return 2 ;;
+  esac
+}
+
+variants=("$@")
+[[ ${#variants[@]} -gt 0 ]] || variants=(3b_z2 3b_z2_compile 3b_ddp 9b_z2 9b_z3_ac 3b_ddp_amp)
+for v in "${variants[@]}"; do run_variant "$v"; done
+exit 0

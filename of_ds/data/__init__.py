@@ -77,4 +77,5 @@ def build_train_data(spec: RunSpec, tokenizer, image_processor_cfg, runtime, *,
     steps = {ds.name: dataset_steps(ds, p.urls, runtime.world_size) for ds, p in zip(spec.data.datasets, plans)}
     if len(set(steps.values())) > 1 and runtime.rank == 0:
         log.warning("datasets have different epoch lengths %s; an epoch is the shortest, %d steps", steps, min(steps.values()))
-    return TrainData(plans, min(steps.values()), {ds.name: ds.workers for ds in spec.data.datasets})
+    return TrainData(plans, min(steps.values()), {ds.name: ds.workers for ds in spec.data.datasets},
+                     pin_memory=getattr(getattr(runtime, "device", None), "type", "cpu") == "cuda")

@@ -55,8 +55,9 @@ class DatasetPosition:
 class TrainData:
     """All datasets of a run for one rank. Iterating yields `{dataset_name: batch}` for the current epoch."""
 
-    def __init__(self, plans: list[StreamPlan], steps_per_epoch: int, num_workers: dict[str, int]):
+    def __init__(self, plans: list[StreamPlan], steps_per_epoch: int, num_workers: dict[str, int], pin_memory: bool = False):
         self.plans = plans
+        self._pin_memory = pin_memory  # page-locked batches: their host-to-GPU copies run asynchronously
         self.steps_per_epoch = steps_per_epoch
         self._num_workers = num_workers  # DataLoader processes per dataset (0: main process)
         self._epoch = 0
@@ -77,7 +78,7 @@ class TrainData:
         workers = self._num_workers[plan.name]
         stream = _EpochStream(plan, self._epoch, pos.step, self.steps_per_epoch, list(pos.consumed))
         return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
-                          persistent_workers=False)
+                          persistent_workers=False, pin_memory=self._pin_memory)
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         start = {name: pos.step for name, pos in self._positions.items()}

@@ -27,15 +27,20 @@ def optimizer_step(engine, batches: Iterator, weights: Mapping[str, float], runt
     """GA micro-steps (one backward each, on the weighted sum of dataset losses), then one engine step.
     A non-finite loss on any rank makes every rank skip the update (decided with one collective: bug B6)."""
     bad = None  # stays on the loss's device: one host sync per optimizer step (the all-reduce), not per micro-step
-    for _ in range(engine.grad_accum_steps):
+    skip = False
+    for micro in range(engine.grad_accum_steps):
         with metrics.data_wait_timer():
             batch = next(batches)
         losses = engine.forward(batch, weights)
         finite = torch.isfinite(losses["loss"].detach())
         bad = ~finite if bad is None else bad | ~finite
+        if micro == engine.grad_accum_steps - 1:
+            # decided before the last backward, not after it: the host then waits for the forward only, and queues
+            # the backward and the optimizer step (host-heavy under DeepSpeed) while the device runs the backward
+            skip = runtime.all_reduce_max(float(bad)) > 0
         engine.backward(losses["loss"])
         metrics.observe(batch, losses)
-    return engine.step(skip=runtime.all_reduce_max(float(bad)) > 0)
+    return engine.step(skip=skip)
 
 
 def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int) -> TrainState:

@@ -176,3 +176,24 @@ def test_nan_on_one_rank_skips_on_every_rank(tiny_tokenizer_dir, tmp_path, kind)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["skipped"] == r1["skipped"] == [False, True, False]
     assert r0["checksum"] == r1["checksum"]
+
+
+def test_zero2_bf16_without_the_overflow_scan_still_skips_a_nan_gradient(tiny_tokenizer_dir, tmp_path):
+    """DeepSpeed's per-tensor inf/NaN scan is dropped under ZeRO-2 bf16 (of_ds.engines.deepspeed_engine): a NaN
+    gradient from a finite loss on one rank must still skip that step on both ranks, and the weights must end up
+    exactly as with the scan kept."""
+    import json
+    import subprocess
+
+    from engines_launch import BIN, REPO, env, free_port
+
+    driver = REPO / "tests" / "engines" / "engines_overflow_driver.py"
+    for mode in ("dropped", "kept"):
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver), tiny_tokenizer_dir, str(tmp_path), mode]
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {(m, r): json.loads((tmp_path / f"{m}-rank{r}.json").read_text()) for m in ("dropped", "kept") for r in (0, 1)}
+    assert all(run["dropped"] for run in runs.values())
+    assert {tuple(run["skipped"]) for run in runs.values()} == {(False, True, False)}
+    assert len({run["checksum"] for run in runs.values()}) == 1
+    assert all(run["checksum"] == run["checksum"] for run in runs.values())  # finite: the NaN never reached a weight

@@ -1,0 +1,53 @@
+"""Run under torchrun (2 ranks), DeepSpeed ZeRO-2 bf16: at step 2 rank 1 alone gets a NaN gradient from a finite
+loss. Every rank must skip that update, with DeepSpeed's per-tensor overflow scan dropped (MODE=dropped) or kept
+(MODE=kept). Writes OUT/MODE-rank{R}.json: whether the scan was dropped, per-step skipped flags, weight checksum."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
+
+
+def main(tok_dir: str, out: str, mode: str) -> None:
+    from of_ds.engines import build_engine
+    from of_ds.model import build_flamingo
+    from of_ds.runtime import build_runtime
+    from of_ds.spec import RunSpec
+    from of_ds.train.loop import optimizer_step
+    from of_ds.train.metrics import Metrics
+    from of_ds.train.session import seed_everything
+
+    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": "deepspeed", "precision": "bf16", "zero_stage": 2},
+                                            optim={"warmup_steps": 0, "lr": 1e-3}))
+    rt = build_runtime(spec.engine)
+    seed_everything(0)
+    model, _, tok = build_flamingo(spec.model)
+    engine = build_engine(model, spec, rt, total_steps=4)
+    dropped = engine.overflow_scan_dropped
+    if mode == "kept":
+        del engine.optimizer.check_overflow  # back to DeepSpeed's own method
+    step = {"n": 0}
+
+    def poison(grad):
+        return torch.full_like(grad, float("nan")) if rt.rank == 1 and step["n"] == 1 else grad
+
+    engine.module.perceiver.latents.register_hook(poison)
+    data = StandInData(spec, tok, rank=rt.rank)
+    data.set_epoch(0)
+    batches, metrics = iter(data), Metrics(spec, rt, Path(out) / f"run-{mode}", 4)
+    flags = []
+    for n in range(3):
+        step["n"] = n
+        flags.append(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped)
+    checksum = sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values())
+    Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps({"dropped": dropped, "skipped": flags, "checksum": checksum}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -4,9 +4,9 @@ Model states follow the ZeRO paper's accounting: 16-bit weights (all of them), 1
 fp32 master weights + Adam moments per *trainable* parameter under bf16/fp16; fp32 and amp_* keep 4-byte weights
 and gradients and 8 bytes of moments. Stage 1 shards optimizer states, 2 also gradients, 3 also every weight
 (frozen included); offload moves optimizer states (and with offload_param, weights) to the host. Activations are
-estimated for one micro-step of every dataset with the Korthikanti et al. per-layer figure (34·s·b·h bytes in
-16-bit, SDPA assumed so no s² term), the logits (16-bit + fp32 loss copy + its gradient), the perceiver, and a
-transient of the frozen vision tower. It is an estimate (±20-30%); `tools/bench_step` measures.
+estimated for one micro-step of every dataset (`activation_bytes`: frozen decoder layers, trainable
+cross-attention blocks, the loss's logits, the perceiver, and the largest transient; SDPA assumed, so no s² term),
+calibrated on three H200 measurements, which it matches within 20%; `tools/bench_step` measures.
 """
 
 from __future__ import annotations
@@ -86,26 +86,36 @@ def model_dims(model, spec) -> ModelDims:
 
 
 def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool) -> float:
+    """Activations of one micro-step of every dataset at their peak (the start of the last backward).
+
+    Saved for backward, per dataset: frozen decoder layers 20 bytes per s·b·h in 16-bit (norm inputs, q/k/v, the
+    MLP's activation input: no matmul inputs, their weights take no gradient), trainable cross-attention blocks
+    Korthikanti's 34 plus the keys/values; the fp32 log-softmax of the loss (4 bytes per logit); per perceiver layer
+    and image the concat(media, latents) and its keys/values, 2·(v+n)·D, and a block's 17·n·D for the latents.
+    Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
+    checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward.
+    Calibrated on an H200 (docs/performance.md): 3B ZeRO-2, 9B ZeRO-2, 9B ZeRO-3 + checkpointing at 6x batch.
+    """
     a = 4 if precision == "fp32" else 2
-    per_elem = 34 / 2 * a  # 34 bytes per s·b·h in 16-bit
-    total, biggest_layer = 0.0, 0.0
+    per = a / 2  # byte figures below are for 16-bit
+    total, transient = 0.0, 0.0
     for d in spec.data.datasets:
         b, L = d.batch_size, d.effective_max_tokens()
         t = 1 if d.kind == "laion" else d.max_images
         sbh = b * L * dims.lm_dim
-        layer = per_elem * sbh
-        xattn = per_elem * sbh + 2 * a * b * dims.xattn_heads * L * t * dims.latents
+        frozen_layer = 20 * per * sbh
+        xattn = 34 * per * sbh + 2 * a * b * dims.xattn_heads * L * t * dims.latents
         if checkpointing:
-            lm = (dims.lm_layers + dims.xattn_blocks) * a * sbh  # layer inputs kept, one layer recomputed at a time
-            biggest_layer = max(biggest_layer, layer + xattn)
+            lm = dims.lm_layers * a * sbh  # each FlamingoLayer's input
+            transient = max(transient, frozen_layer + xattn)
         else:
-            lm = dims.lm_layers * layer + dims.xattn_blocks * xattn
-        logits = b * L * dims.vocab * (a + 4 + 4)
-        # per perceiver layer: norms/K/V over patch+latent tokens, a full block's worth for the latents
-        perceiver = dims.perceiver_depth * a * b * t * dims.vis_dim * (4 * (dims.vis_tokens + dims.latents) + 17 * dims.latents)
-        vision_transient = 8 * a * b * t * dims.vis_tokens * dims.vis_dim
-        total += lm + logits + perceiver + vision_transient
-    return total + biggest_layer
+            lm = dims.lm_layers * frozen_layer + dims.xattn_blocks * xattn
+        logits = b * L * dims.vocab
+        images = b * t
+        perceiver = dims.perceiver_depth * a * images * dims.vis_dim * (2 * (dims.vis_tokens + dims.latents) + 17 * dims.latents)
+        total += lm + 4 * logits + perceiver
+        transient = max(transient, 6 * logits, 8 * a * images * dims.vis_tokens * dims.vis_dim)
+    return total + transient
 
 
 def estimate(dims: ModelDims, spec, world_size: int, zero_stage: int, offload_optimizer: str = "none",

@@ -3,7 +3,8 @@
 #   tools/gpu_bench.sh OUTDIR [VARIANT ...]      (default: every variant below, in order)
 # Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2
 # OUTDIR/ops_3b_z2.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt (cProfile). A failed variant writes {"name", "failed": true}.
-# On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step.
+# On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step. 3b_loop (launch/train.py at the 3B sizes on
+# the demo shards, 40 steps: data wait and the loop's own overhead) needs demo_data/{laion,mmc4,tokenizer} carried.
 set -uo pipefail
 out=${1:?usage: tools/gpu_bench.sh OUTDIR [VARIANT ...]}
 shift
@@ -31,6 +32,26 @@ bench() {  # NAME LIMIT_S SPEC [bench_step args...]
   return 1
 }
 
+loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo shards (carry demo_data/{laion,mmc4,tokenizer})
+  local name=$1 limit=$2 spec=$3 run=/tmp/of_ds_loop
+  local -a sets=(
+    --set "model.lm.config={model_type: mpt, d_model: 2048, n_layers: 24, n_heads: 16, vocab_size: 50432, max_seq_len: 2048, expansion_ratio: 4}"
+    --set model.lm.name_or_path=null --set model.lm.trust_remote_code=false --set model.vision.pretrained=null
+    --set model.tokenizer=demo_data/tokenizer --set model.offline=true
+    --set "data.datasets.mmc4.shards=demo_data/mmc4/{000000..000003}.tar"
+    --set "data.datasets.laion.shards=demo_data/laion/{000000..000003}.tar"
+    --set run.max_steps=40 --set logging.every_n_steps=10 --set logging.progress_bar=false
+    --set checkpoint.every_n_steps=100000 --set run.output_dir=$run --set run.name=$name)
+  if [[ ${TINY:-0} == 1 ]]; then spec=launch/specs/demo.yaml; sets=(--set run.max_steps=2 --set logging.every_n_steps=1 --set run.output_dir=$run --set run.name=$name); fi
+  echo "== $name $(date +%T)" | tee -a "$out/log.txt"
+  rm -rf "$run/$name"
+  if timeout "$limit" python3 launch/train.py --spec "$spec" "${sets[@]}" >>"$out/log.txt" 2>&1; then
+    echo "{\"name\": \"$name\", \"metrics\": $(tail -1 "$run/$name/metrics.jsonl")}" | tee -a "$out/bench.jsonl"
+  else
+    echo "{\"name\": \"$name\", \"failed\": true}" | tee -a "$out/bench.jsonl"
+  fi
+}
+
 run_variant() {
   case $1 in
     3b_z2) bench 3b_z2 120 $S3 "${STEPS[@]}" --breakdown --trace "$out/ops_3b_z2.txt" ;;
@@ -45,6 +66,7 @@ run_variant() {
       for k in 6 4 2; do
         bench "9b_z3_ac_x$k" 150 $S9 --steps 2 --warmup 1 --set engine.zero_stage=3 "${AC[@]}" $(batch $((32 * k)) $((64 * k))) && break
       done ;;
+    3b_loop) loop 3b_loop 300 $S3 ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac
 }

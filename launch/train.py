@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         session.maybe_make_demo_data(spec)
     runtime.barrier()
     model, _, tokenizer = build_flamingo(spec.model)
-    data = build_train_data(spec, tokenizer, image_processor_config(model), runtime)
+    data = build_train_data(spec, tokenizer, image_processor_config(model), runtime, pin_memory=runtime.device.type == "cuda")
     total_steps = session.total_optimizer_steps(spec, data.steps_per_epoch)
     run_dir = spec.run.run_dir
     checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)

@@ -110,7 +110,9 @@ class DatasetSpec(_Section):
     single_image_drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="Drop single-image documents with this probability.")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (the original flips per batch/doc).")
     decode_draft: bool = Field(
-        True, description="Decode large JPEGs at reduced size (PIL draft, >= 2x the output side); false: the exact open_clip transform."
+        True,
+        description="Fast decode: JPEGs by libjpeg-turbo at 1/2-1/8 scale where the image is large enough, OpenCV "
+        "resize, within a tested tolerance of open_clip's transform (of_ds/data/README.md); false: the exact transform.",
     )
 
     def effective_max_tokens(self) -> int:

@@ -68,9 +68,10 @@ def dataset_steps(ds: DatasetSpec, urls: list[str], world_size: int) -> int:
 
 
 def build_train_data(spec: RunSpec, tokenizer, image_processor_cfg, runtime, *,
-                     max_consecutive_drops: int = MAX_CONSECUTIVE_DROPS) -> TrainData:
-    """Every dataset of the spec, for this rank. An epoch is the shortest dataset's step count (one micro-batch of
-    every dataset per step); each rank gets the same number of steps."""
+                     max_consecutive_drops: int = MAX_CONSECUTIVE_DROPS, pin_memory: bool = False) -> TrainData:
+    """Every dataset of the spec, for this rank (`runtime`: rank and world_size). An epoch is the shortest dataset's
+    step count (one micro-batch of every dataset per step); each rank gets the same number of steps. `pin_memory`:
+    page-locked batches (on GPU runs: asynchronous copies to the device)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used again in forked workers
     plans = [build_stream_plan(ds, spec.run.seed, tokenizer, image_processor_cfg, runtime,
                                max_consecutive_drops=max_consecutive_drops) for ds in spec.data.datasets]
@@ -78,4 +79,4 @@ def build_train_data(spec: RunSpec, tokenizer, image_processor_cfg, runtime, *,
     if len(set(steps.values())) > 1 and runtime.rank == 0:
         log.warning("datasets have different epoch lengths %s; an epoch is the shortest, %d steps", steps, min(steps.values()))
     return TrainData(plans, min(steps.values()), {ds.name: ds.workers for ds in spec.data.datasets},
-                     pin_memory=getattr(getattr(runtime, "device", None), "type", "cpu") == "cuda")
+                     pin_memory=pin_memory)

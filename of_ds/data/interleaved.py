@@ -19,12 +19,14 @@ import re
 from typing import NamedTuple
 
 import numpy as np
+import orjson
+import pybase64
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..model.labels import build_labels
 from .drops import DropCounter, DropSample
-from .images import ImageTransform, open_image
+from .images import ImageTransform, batch_pixels, open_image
 from .tokens import EOC, MEDIA, TokenInfo
 
 _GPT_PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
@@ -60,9 +62,12 @@ def prepare_document(sample: dict, rules: DocumentRules, eos_token: str, counter
     if "json" not in sample:
         raise DropSample("missing_json", sample["__key__"])
     try:
-        doc = json.loads(sample["json"].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DropSample("invalid_json", f"{sample['__key__']}: {e}") from None
+        doc = orjson.loads(sample["json"])
+    except orjson.JSONDecodeError:  # orjson is stricter (NaN, huge integers...): the standard library decides
+        try:
+            doc = json.loads(sample["json"].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DropSample("invalid_json", f"{sample['__key__']}: {e}") from None
     if not isinstance(doc, dict):
         raise DropSample("invalid_json", f"{sample['__key__']}: top level is not an object")
     if "is_gpt" in doc or rules.kind == "chatgpt":
@@ -75,16 +80,28 @@ def _image_bytes(sample: dict, info: dict, base64_field: str) -> bytes | None:
     if base64_field in info:
         if not isinstance(info[base64_field], str):
             raise DropSample("image_bad_base64")
-        try:
-            return binascii.a2b_base64(info[base64_field])  # = base64.b64decode, without an ASCII copy of the str
-        except (binascii.Error, ValueError):
-            raise DropSample("image_bad_base64") from None
+        return decode_base64(info[base64_field])
     member = info.get("member")
     if isinstance(member, str):
         if member.lower() not in sample:
             raise DropSample("image_missing_member")
         return sample[member.lower()]
     return None
+
+
+def decode_base64(text: str) -> bytes:
+    """base64.b64decode's result (lenient: characters outside the alphabet are skipped) or DropSample.
+
+    Plain base64 goes through pybase64's SIMD decoder in strict mode (about 40x faster; whatever it accepts, the
+    lenient decoder decodes to the same bytes); anything it refuses gets the standard library's lenient decoder."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return binascii.a2b_base64(text)  # = base64.b64decode, without an ASCII copy of the str
+    except (binascii.Error, ValueError):
+        raise DropSample("image_bad_base64") from None
 
 
 def _image_size(sample: dict, info: dict) -> int:
@@ -209,7 +226,7 @@ class InterleavedBatcher:
 
     def _reset(self) -> None:
         h, w = self.transform.size
-        self.pixels = np.zeros((self.batch_size, self.rules.max_images, 3, h, w), dtype=np.float32)
+        self.pixels, self._pixels_tensor = batch_pixels((self.batch_size, self.rules.max_images, 3, h, w), shared=True)
         self.ids: list[list[int]] = []
         self.masks: list[list[int]] = []
         self.counts: list[int] = []
@@ -245,7 +262,7 @@ class InterleavedBatcher:
         ids = torch.tensor(self.ids, dtype=torch.long)
         mask = torch.tensor(self.masks, dtype=torch.long)
         batch = {
-            "pixel_values": torch.from_numpy(self.pixels),
+            "pixel_values": self._pixels_tensor,
             "num_images": torch.tensor(self.counts, dtype=torch.long),
             "input_ids": ids,
             "attention_mask": mask,

@@ -9,12 +9,11 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from ..model.labels import build_labels
 from .drops import DropSample
-from .images import ImageTransform
+from .images import ImageTransform, batch_pixels
 from .tokens import EOC, MEDIA, TokenInfo
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -52,7 +51,7 @@ class LaionBatcher:
 
     def _reset(self) -> None:
         h, w = self.transform.size
-        self.pixels = np.empty((self.batch_size, 1, 3, h, w), dtype=np.float32)
+        self.pixels, self._pixels_tensor = batch_pixels((self.batch_size, 1, 3, h, w), shared=False)
         self.texts: list[str] = []
 
     def add(self, pair: LaionPair, rng: random.Random) -> bool:
@@ -67,7 +66,7 @@ class LaionBatcher:
                              return_tensors="pt")
         ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
         batch = {
-            "pixel_values": torch.from_numpy(self.pixels),
+            "pixel_values": self._pixels_tensor,
             "num_images": torch.ones(self.batch_size, dtype=torch.long),
             "input_ids": ids,
             "attention_mask": mask,

@@ -112,6 +112,88 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: tarfile's own stream reader
+_SPECIAL_TYPES = frozenset((tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE,
+                            tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE))
+_SKIP_CHUNK = 1 << 20
+
+
+class _Prepended:
+    """A read-only stream: `head`, then the rest of `file` (hands a partly read shard over to tarfile)."""
+
+    def __init__(self, head: bytes, file):
+        self.head, self.file = head, file
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.file.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.file.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + self.file.read(n - len(out)) if len(out) < n else out
+
+
+def _tarfile_members(stream) -> Iterator[tuple[tuple[str, str] | None, Callable[[], bytes]]]:
+    """`tar_members` through the standard library (compressed shards, GNU long names, pax headers, sparse files)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            parts = split_member_name(member.name) if member.isreg() else None
+            yield parts, lambda: tar.extractfile(member).read()
+
+
+def tar_members(file) -> Iterator[tuple[tuple[str, str] | None, Callable[[], bytes]]]:
+    """For each member of a tar stream, in order: (key, ext), or None for members that are not regular files or
+    have no extension, and a function that reads the member's bytes (call it before advancing, or not at all).
+
+    The standard library's semantics (tarfile's header parsing, member sizes, end-of-archive rules: an invalid or
+    truncated header ends the archive unless it is the first; data cut short raises ReadError when read), without
+    its stream reader: member data is read straight from the (buffered) file, and data not read is skipped by
+    seeking when the file allows it. Compressed shards and special headers (GNU long names, pax, sparse) go to
+    tarfile itself from that header on.
+    """
+    seekable = file.seekable()
+    offset = 0
+    while True:
+        header = file.read(tarfile.BLOCKSIZE)
+        if offset == 0 and header.startswith(_COMPRESSED_MAGIC):
+            yield from _tarfile_members(_Prepended(header, file))
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.EOFHeaderError:
+            return
+        except tarfile.HeaderError as e:
+            if offset == 0:
+                raise tarfile.ReadError(str(e)) from None
+            return  # as tarfile: a bad or truncated header after the first ends the archive
+        if info.type in _SPECIAL_TYPES:
+            yield from _tarfile_members(_Prepended(header, file))
+            return
+        size = info.size if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES else 0
+        padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        offset += tarfile.BLOCKSIZE + padded
+        read = [0]
+
+        def data(size=size, read=read) -> bytes:
+            out = file.read(size)
+            read[0] = len(out)
+            if len(out) != size:
+                raise tarfile.ReadError("unexpected end of data")
+            return out
+
+        yield (split_member_name(info.name) if info.isreg() else None), data
+        skip = padded - read[0]
+        if skip and seekable:
+            file.seek(skip, 1)  # past the end of a truncated file: the next header read is empty and ends the archive
+        else:
+            while skip > 0:
+                chunk = file.read(min(skip, _SKIP_CHUNK))
+                if not chunk:
+                    break
+                skip -= len(chunk)
+
+
 def iter_tar_samples(url: str, counter: DropCounter, wanted: Callable[[str], bool]) -> Iterator[dict]:
     """Group consecutive tar members by key into samples holding the `wanted` extensions' bytes.
 
@@ -128,21 +210,17 @@ def iter_tar_samples(url: str, counter: DropCounter, wanted: Callable[[str], boo
     complete = False
     members = 0
     try:
-        with tarfile.open(fileobj=shard.file, mode="r|*") as tar:
-            for member in tar:
-                members += 1
-                if not member.isreg():
-                    continue
-                parts = split_member_name(member.name)
-                if parts is None:
-                    continue
-                key, ext = parts
-                if current is None or key != current["__key__"] or ext in current:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
-                if wanted(ext):
-                    current[ext] = tar.extractfile(member).read()
+        for parts, data in tar_members(shard.file):
+            members += 1
+            if parts is None:
+                continue
+            key, ext = parts
+            if current is None or key != current["__key__"] or ext in current:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if wanted(ext):
+                current[ext] = data()
         complete = True
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         if shard.proc is not None and members == 0:  # a command that wrote nothing: it failed to open the shard

@@ -104,11 +104,11 @@ def ddp_spec(precision: str):
     return RunSpec.from_yaml(REPO / "launch" / "specs" / "demo.yaml", [f"engine.kind=ddp", f"engine.precision={precision}", "optim.warmup_steps=0"])
 
 
-def test_ddp_bf16_keeps_frozen_weights_in_bf16_and_matches_fp32(tiny_tokenizer_dir):
+def test_ddp_bf16_keeps_frozen_weights_in_bf16_and_matches_fp32(tiny_tokenizer_dir, monkeypatch):
     import torch.distributed as dist
 
     from of_ds.engines.torch_engine import TorchEngine
-    from of_ds.runtime import Runtime, ensure_rendezvous_env
+    from of_ds.runtime import Runtime, _free_port
 
     ref, _, tok = build_tiny(tiny_tokenizer_dir, "gpt_neox")  # padded vocab: new ids inside the matrix (index_copy path)
     open_gates(ref)
@@ -122,7 +122,10 @@ def test_ddp_bf16_keeps_frozen_weights_in_bf16_and_matches_fp32(tiny_tokenizer_d
     open_gates(model)
     started = not dist.is_initialized()
     if started:
-        ensure_rendezvous_env()
+        # set through monkeypatch, so they are removed again: later launches from this process must not inherit them
+        rendezvous = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        for var, value in rendezvous.items():
+            monkeypatch.setenv(var, value)
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         runtime = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")

@@ -3,7 +3,8 @@
     tools/bench_data --kind laion --shards 'data/laion/{000000..000009}.tar' --tokenizer DIR \\
         --vision ViT-L-14 --batch-size 64 --workers 4 --batches 20
 
-The first batch is a warm-up (worker start, shuffle buffer fill) and is not timed.
+The first batches are a warm-up (worker start, shuffle buffer fill; one by default) and are not timed. With
+`--warmup-batches` past shuffle_buffer / batch_size the shuffle buffer is full: the steady state of a long run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vision", default="ViT-L-14", help="open_clip model whose eval transform to use")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batches", type=int, default=20, help="timed batches (after one warm-up batch)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches (after the warm-up batches)")
+    p.add_argument("--warmup-batches", type=int, default=1,
+                   help="untimed batches first; past shuffle_buffer / batch_size of them the buffer is full (steady state)")
     p.add_argument("--no-draft", action="store_true", help="exact open_clip transform (no reduced-size JPEG decoding)")
     p.add_argument("--sim-threshold", type=float, default=0.24)
     p.add_argument("--shuffle-buffer", type=int, default=5000)
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = {
         "name": args.kind, "kind": args.kind, "shards": args.shards, "batch_size": args.batch_size,
-        "workers": args.workers, "resampled": True, "samples_per_epoch": (args.batches + 1) * args.batch_size,
+        "workers": args.workers, "resampled": True, "samples_per_epoch": (args.batches + args.warmup_batches) * args.batch_size,
         "shuffle_buffer": args.shuffle_buffer, "shuffle_initial": min(1000, args.shuffle_buffer),
         "sim_threshold": args.sim_threshold, "decode_draft": not args.no_draft,
     }
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     data = build_train_data(spec, load_tokenizer(args.tokenizer, offline=True), vision_image_config(args.vision), runtime)
     started = time.perf_counter()
     iterator = iter(data)
-    next(iterator)  # warm-up
+    for _ in range(max(1, args.warmup_batches)):
+        next(iterator)
     first = time.perf_counter()
     batches = sum(1 for _ in iterator)
     seconds = time.perf_counter() - first

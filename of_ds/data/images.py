@@ -123,6 +123,13 @@ def jpeg_scale(width: int, height: int, size: int) -> int:
     return 2 if short >= 2 * size else 1
 
 
+def crop_geometry(w: int, h: int, s: int) -> tuple[int, int, int, int]:
+    """open_clip's shortest-side resize of a w x h image to S (torchvision's rounding) and its S x S center crop
+    -> (new_w, new_h, top, left)."""
+    new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    return new_w, new_h, int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+
+
 def open_image(data: bytes) -> Image.Image:
     """Parse an image header (cheap; pixels are decoded later). Raises DropSample('bad_image') on garbage."""
     try:
@@ -200,8 +207,7 @@ class ImageTransform:
             cv2.setNumThreads(1)  # one thread per loader process (DataLoader workers are the parallelism)
             _cv2_threads_set = True
         s = self.size[0]
-        new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        new_w, new_h, top, left = crop_geometry(w, h, s)
         while arr.shape[0] >= 2 * new_h and arr.shape[1] >= 2 * new_w:  # 2x2 averaging while >= 2x too large
             arr = cv2.resize(arr, (arr.shape[1] // 2, arr.shape[0] // 2), interpolation=cv2.INTER_AREA)
         return cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)[top:top + s, left:left + s]
@@ -209,8 +215,6 @@ class ImageTransform:
     def _resize_crop(self, img: Image.Image) -> np.ndarray:
         """Exact: resize the shortest side to S (torchvision's rounding), center crop S x S -> uint8 [S, S, 3]."""
         s = self.size[0]
-        w, h = img.size
-        new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        new_w, new_h, top, left = crop_geometry(*img.size, s)
         img = img.convert("RGB") if img.mode != "RGB" else img  # (convert would copy an RGB image)
         return np.asarray(img.resize((new_w, new_h), self.resample).crop((left, top, left + s, top + s)))

@@ -47,12 +47,21 @@ class Runtime:
             self.heartbeat_fn(step)
 
     def all_reduce_max(self, value: float) -> float:
-        """The max of a float over ranks (collective decisions: NaN skip, stop)."""
+        """The max of a float over ranks (collective decisions on the host, e.g. stop)."""
         if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
+
+    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool flag, true where it is true on any rank. Stays on the flag's device: with NCCL the host does
+        not wait for it (gloo reduces a CPU copy)."""
+        if not self.distributed:
+            return flag
+        t = flag.to(self.comm_device, torch.float32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.reshape(()).to(flag.device) > 0
 
     def all_reduce_mean(self, values: list[float]) -> list[float]:
         if not self.distributed or not values:

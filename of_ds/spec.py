@@ -53,6 +53,11 @@ class LMSpec(_Section):
     decoder_layers_attr: Optional[str] = Field(
         None, description="Dotted path of the decoder layer list (e.g. model.layers) for families not known to of_ds."
     )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="The LM's attention kernel: `sdpa` (torch's fused scaled_dot_product_attention; for MPT of_ds's "
+        "ALiBi-aware replacement of transformers' eager-only attention) or `eager` (transformers' matmul + softmax).",
+    )
     cache_dir: Optional[str] = None
 
 
@@ -133,7 +138,7 @@ class OptimSpec(_Section):
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    fused: bool = Field(True, description="Fused AdamW kernel where the device has one.")
+    fused: bool = Field(True, description="Fused AdamW kernel (CUDA, CPU): faster, and it skips a non-finite update on the device, without a host sync per step.")
 
 
 # ---------------------------------------------------------------------------------------------------------- engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Protocol
+from typing import Mapping, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -12,11 +12,22 @@ from torch import nn
 Batch = Mapping[str, torch.Tensor]
 
 
+Flag = Union[bool, torch.Tensor]
+
+
 @dataclass
 class StepStats:
-    grad_norm: Optional[float]  # global norm before clipping; None where the engine does not report it
-    skipped: bool  # the update was not applied (fp16 overflow, non-finite gradients)
+    """What one optimizer step reports. `grad_norm` and `skipped` may be device tensors (0-dim), so that reading
+    them is a host sync the caller makes only when it logs (`host_float`, `bool`)."""
+
+    grad_norm: Optional[Union[float, torch.Tensor]]  # global norm before clipping; None where the engine does not report it
+    skipped: Flag  # the update was not applied (non-finite loss or gradients, fp16 overflow)
     lr: float
+
+
+def host_float(x: Optional[Union[float, torch.Tensor]]) -> Optional[float]:
+    """A StepStats value on the host (a device sync when it is a device tensor)."""
+    return None if x is None else float(x)
 
 
 class Engine(Protocol):
@@ -29,8 +40,9 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of one micro-step (scaled by 1/accumulation; reduced across ranks on the last)."""
 
-    def step(self) -> StepStats:
-        """After the last micro-step: clip, optimizer and scheduler step, zero grads."""
+    def step(self, nonfinite_loss: Optional[torch.Tensor] = None) -> StepStats:
+        """After the last micro-step: clip, optimizer and scheduler step, zero grads. `nonfinite_loss` (a 0-dim
+        device flag, equal on every rank) makes it skip the update; so does a non-finite gradient norm."""
 
     def save(self, directory: Path, client_state: dict) -> None:
         """Write trainable weights, optimizer and scheduler state into `directory` (collective)."""

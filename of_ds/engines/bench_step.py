@@ -140,7 +140,10 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
         losses.append(train_step())
         sync()
         times.append(time.perf_counter() - t)
-    step_time = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median
+    synced_time = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median, the host waiting after every step
+    back_to_back = time_back_to_back(train_step, steps, runtime.device, sync)
+    step_time = sorted(back_to_back)[len(back_to_back) // 2]  # as a training loop runs: no sync between steps
+    syncs = count_host_syncs(train_step) if runtime.device.type == "cuda" else None
     parts = None
     if breakdown:
         if spec.engine.activation_checkpointing:
@@ -162,17 +165,67 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
         "device": torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu",
         "engine": spec.engine.kind, "zero_stage": spec.engine.zero_stage if spec.engine.kind == "deepspeed" else None,
         "precision": spec.engine.precision, "activation_checkpointing": spec.engine.activation_checkpointing,
+        "lm_attention": spec.model.lm.attention, "device_skip": getattr(engine, "device_skip", None),
         "batch": {d.name: [d.batch_size, 1 if d.kind == "laion" else d.max_images, d.effective_max_tokens()] for d in spec.data.datasets},
         "params_total": counts["total"], "params_trainable": counts["trainable"],
         "step_time_s": round(step_time, 4), "samples_per_s": round(samples / step_time, 2),
+        "step_time_synced_s": round(synced_time, 4), "samples_per_s_synced": round(samples / synced_time, 2),
+        **({"host_syncs_per_step": syncs} if syncs is not None else {}),
         "tflop_per_step": round(flops / 1e12, 3), "tflops": round(tflops, 2),
         "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None,
         "peak_mem_gib": round(mem, 2) if mem is not None else None, "steps": steps, "warmup": warmup,
-        "step_times_s": [round(t, 4) for t in times[warmup:]],
+        "step_times_s": [round(t, 4) for t in back_to_back], "step_times_synced_s": [round(t, 4) for t in times[warmup:]],
         "loss_first": round(float(losses[0]), 5), "loss_last": round(float(losses[-1]), 5),
         "build_s": round(t_build, 1), "compile": spec.engine.compile_targets if spec.engine.compile else [],
         **({"breakdown_s": parts, "forward_tflop_by_part": {k: round(v / 1e12, 3) for k, v in fwd_parts.items()}} if parts else {}),
     }
+
+
+def time_back_to_back(train_step, steps: int, device: torch.device, sync) -> list[float]:
+    """Seconds per step with the host never waiting between steps (CUDA events at step boundaries, one sync at the
+    end): what a training loop without per-step syncs gets. On a CPU, wall time per step."""
+    if device.type != "cuda":
+        out = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            train_step()
+            out.append(time.perf_counter() - t)
+        return out
+    sync()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    marks[0].record()
+    for i in range(steps):
+        train_step()
+        marks[i + 1].record()
+    sync()
+    return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(steps)]
+
+
+def count_host_syncs(train_step) -> dict:
+    """One step under `torch.cuda.set_sync_debug_mode("warn")`: how many operations made the host wait for the
+    device, and where (explicit `torch.cuda.synchronize()` calls are not counted by torch)."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-3:]
+        key = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+        sites[key] = sites.get(key, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    torch.cuda.synchronize()
+    return {"count": sum(sites.values()), "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:10])}
 
 
 def write_host_profile(train_step, sync, path: str, rows: int = 60) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler
 from .base import Batch, StepStats, weighted_losses
+from .device_skip import found_inf, step_unless, supports_device_skip
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 
@@ -94,6 +95,7 @@ class TorchEngine:
         self.scaler = torch.amp.GradScaler(runtime.device.type) if self.autocast_dtype == torch.float16 else None
         self.optimizer = build_optimizer(model, spec.optim, device_type=runtime.device.type)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, total_steps)
+        self.device_skip = self.scaler is None and supports_device_skip(self.optimizer)
         self._micro = 0
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -118,24 +120,29 @@ class TorchEngine:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self._micro += 1
 
-    def step(self, skip: bool = False) -> StepStats:
+    def step(self, nonfinite_loss: Optional[torch.Tensor] = None) -> StepStats:
         if self._micro != self.grad_accum_steps:
             raise RuntimeError(f"TorchEngine.step() after {self._micro} micro-steps; expected {self.grad_accum_steps}")
         self._micro, lr = 0, self.lr
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        skipped = skip or not (norm == norm and abs(norm) != float("inf"))
-        if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips itself on inf/NaN
-            self.scaler.update()
-            skipped = skipped or self.scaler.get_scale() < scale
-        elif not skipped:
-            self.optimizer.step()
-        if not skipped:
-            self.scheduler.step()
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
+        if self.device_skip:
+            skip = found_inf(norm, nonfinite_loss, self.device)
+            step_unless(self.optimizer, skip)
+            skipped = skip > 0
+        else:  # decided on the host: fp16 loss scaling, or an optimizer without a fused kernel
+            skipped = not bool(torch.isfinite(norm)) or (nonfinite_loss is not None and bool(nonfinite_loss))
+            if self.scaler:
+                scale = self.scaler.get_scale()
+                if not skipped:
+                    self.scaler.step(self.optimizer)  # skips itself on inf/NaN
+                self.scaler.update()
+                skipped = skipped or self.scaler.get_scale() < scale
+            elif not skipped:
+                self.optimizer.step()
+        self.scheduler.step()  # the schedule counts optimizer steps, applied or skipped (as the original)
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=norm, skipped=skipped, lr=lr)
 

@@ -27,18 +27,34 @@ DECODER_LAYERS: dict[str, str] = {
 
 
 def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = True) -> nn.Module:
-    """An HF causal LM in fp32: from `spec.config` (random init), or by name/path (weights unless `load_weights`)."""
+    """An HF causal LM in fp32: from `spec.config` (random init), or by name/path (weights unless `load_weights`),
+    with the attention kernel of `spec.attention`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.config is not None:
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    common = dict(trust_remote_code=spec.trust_remote_code, cache_dir=spec.cache_dir, local_files_only=offline)
-    if not load_weights:
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **_attn_kwargs(spec, config))
+    else:
+        common = dict(trust_remote_code=spec.trust_remote_code, cache_dir=spec.cache_dir, local_files_only=offline)
         config = AutoConfig.from_pretrained(spec.name_or_path, **common)
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.float32, **common)
+        if not load_weights:
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **_attn_kwargs(spec, config))
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.float32, **_attn_kwargs(spec, config), **common)
+    if spec.attention == "sdpa" and getattr(lm.config, "model_type", None) == "mpt":
+        from .mpt_attention import use_sdpa_attention
+
+        use_sdpa_attention(lm)
+    return lm
+
+
+def _attn_kwargs(spec: LMSpec, config) -> dict:
+    """transformers picks SDPA by itself where a family supports it; `eager` is asked for explicitly. MPT (eager
+    only in transformers) is switched after loading (`mpt_attention`)."""
+    if spec.attention == "eager" and getattr(config, "model_type", None) != "mpt":
+        return {"attn_implementation": "eager"}
+    return {}
 
 
 def get_by_path(root: nn.Module, path: str):

@@ -25,29 +25,50 @@ def optimizer_steps_per_epoch(micro_steps_per_epoch: int, grad_accum_steps: int)
 
 def optimizer_step(engine, batches: Iterator, weights: Mapping[str, float], runtime: Runtime, metrics) -> StepStats:
     """GA micro-steps (one backward each, on the weighted sum of dataset losses), then one engine step.
-    A non-finite loss on any rank makes every rank skip the update (decided with one collective: bug B6)."""
-    bad = None  # stays on the loss's device: one host sync per optimizer step (the all-reduce), not per micro-step
-    skip = False
+    A non-finite loss on any rank makes every rank skip the update (bug B6). The flag stays on the device (an
+    asynchronous all-reduce, then the engine's step): no host sync per step."""
+    bad = None
     for micro in range(engine.grad_accum_steps):
         with metrics.data_wait_timer():
             batch = next(batches)
         losses = engine.forward(batch, weights)
-        finite = torch.isfinite(losses["loss"].detach())
-        bad = ~finite if bad is None else bad | ~finite
+        nonfinite = ~torch.isfinite(losses["loss"].detach())
+        bad = nonfinite if bad is None else bad | nonfinite
         if micro == engine.grad_accum_steps - 1:
-            # decided before the last backward, not after it: the host then waits for the forward only, and queues
-            # the backward and the optimizer step (host-heavy under DeepSpeed) while the device runs the backward
-            skip = runtime.all_reduce_max(float(bad)) > 0
+            bad = runtime.any_rank(bad)  # queued before the last backward, so that it overlaps the backward
         engine.backward(losses["loss"])
         metrics.observe(batch, losses)
-    return engine.step(skip=skip)
+    return engine.step(nonfinite_loss=bad)
+
+
+class SkipCounter:
+    """Skipped-step flags kept as they come (device tensors on the fast paths) and read in one sync by `settle`:
+    at log and checkpoint steps, and at least every MAX_CONSECUTIVE_SKIPS steps for the divergence guard."""
+
+    def __init__(self, state: TrainState):
+        self.state, self.pending, self.run = state, [], 0
+
+    def add(self, skipped) -> None:
+        self.pending.append(skipped)
+
+    def settle(self) -> None:
+        """Count the pending flags into `state.skipped_steps`; raise after MAX_CONSECUTIVE_SKIPS in a row."""
+        if not self.pending:
+            return
+        flags = [bool(f) for f in (torch.stack([torch.as_tensor(f).reshape(()).cpu() for f in self.pending]).tolist())]
+        self.pending = []
+        for f in flags:
+            self.state.skipped_steps += int(f)
+            self.run = self.run + 1 if f else 0
+            if self.run >= MAX_CONSECUTIVE_SKIPS:
+                raise FloatingPointError(f"{self.run} optimizer steps in a row skipped (non-finite loss or gradients), by step {self.state.step}")
 
 
 def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int) -> TrainState:
     """Run until `total_steps` optimizer steps. On a resumed run the caller has already restored `data`."""
     per_epoch = optimizer_steps_per_epoch(data.steps_per_epoch, engine.grad_accum_steps)
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
-    consecutive_skips = 0
+    skips = SkipCounter(state)
     while state.step < total_steps:
         if state.step_in_epoch >= per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -58,14 +79,15 @@ def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointMana
             stats = optimizer_step(engine, batches, weights, runtime, metrics)
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
             state.samples_seen += metrics_samples(spec, engine, runtime)
-            state.skipped_steps += int(stats.skipped)
-            consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
-            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise FloatingPointError(f"{consecutive_skips} optimizer steps in a row skipped (non-finite loss or gradients) at step {state.step}")
+            skips.add(stats.skipped)
+            log, save = metrics.should_log(state.step), checkpoints.should_save(state.step, total_steps)
+            if log or save or state.step % MAX_CONSECUTIVE_SKIPS == 0:
+                skips.settle()
             runtime.heartbeat(state.step)
-            metrics.step(state.step, stats, state, data.drop_counts() if metrics.should_log(state.step) else None)
-            if checkpoints.should_save(state.step, total_steps):
+            metrics.step(state.step, stats, state, data.drop_counts() if log else None)
+            if save:
                 checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()})
+    skips.settle()
     return state
 
 

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..engines.base import host_float
 from ..runtime import Runtime
 from ..spec import RunSpec
 
@@ -129,7 +130,7 @@ class Metrics:
         row = {"step": step, "epoch": state.epoch}
         row.update({("loss" if n == "loss" else f"loss/{n}"): round(v, 6) for n, v in zip(names, losses)})
         row.update(
-            lr=stats.lr, grad_norm=stats.grad_norm, skipped_steps=state.skipped_steps,
+            lr=stats.lr, grad_norm=host_float(stats.grad_norm), skipped_steps=state.skipped_steps,
             samples_per_s=samples * world / elapsed, tokens_per_s=tokens * world / elapsed,
             step_time_s=elapsed / max(1, self.window_steps), data_wait_s=wait / max(1, self.window_steps),
         )

@@ -41,7 +41,8 @@ def build_optimizer(model: nn.Module, spec: OptimSpec, *, device_type: str = "cp
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    fused = spec.fused and device_type == "cuda"
+    # the fused kernel (CUDA and CPU) also skips a bad update on the device (engines/device_skip.py)
+    fused = spec.fused and device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, fused=fused or None, **kw)
 
 

@@ -22,6 +22,7 @@ class NaNOnRank1(StandInData):
 
 
 def main(tok_dir: str, out: str, kind: str) -> None:
+    kind, _, precision = kind.partition(":")  # e.g. deepspeed:bf16 (ZeRO-2 bf16 skips on the device)
     from of_ds.engines import build_engine
     from of_ds.model import build_flamingo
     from of_ds.runtime import build_runtime
@@ -30,7 +31,7 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     from of_ds.train.metrics import Metrics
     from of_ds.train.session import seed_everything
 
-    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": kind, "precision": "fp32", "zero_stage": 2}))
+    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": kind, "precision": precision or "fp32", "zero_stage": 2}))
     rt = build_runtime(spec.engine)
     seed_everything(0)
     model, _, tok = build_flamingo(spec.model)
@@ -38,7 +39,7 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     data = NaNOnRank1(spec, tok, rank=rt.rank)
     data.set_epoch(0)
     batches, metrics = iter(data), Metrics(spec, rt, Path(out) / "run", 4)
-    flags = [optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped for _ in range(3)]
+    flags = [bool(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped) for _ in range(3)]
     checksum = sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()) if kind != "deepspeed" or engine.zero_stage < 3 else None
     Path(out, f"rank{rt.rank}.json").write_text(json.dumps({"skipped": flags, "checksum": checksum}))
 

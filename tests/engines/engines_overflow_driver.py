@@ -1,6 +1,9 @@
 """Run under torchrun (2 ranks), DeepSpeed ZeRO-2 bf16: at step 2 rank 1 alone gets a NaN gradient from a finite
-loss. Every rank must skip that update, with DeepSpeed's per-tensor overflow scan dropped (MODE=dropped) or kept
-(MODE=kept). Writes OUT/MODE-rank{R}.json: whether the scan was dropped, per-step skipped flags, weight checksum."""
+loss. Every rank must skip that update, whoever decides it:
+- MODE=device: the fused optimizer on the device (`found_inf`), no host sync (the default);
+- MODE=dropped: DeepSpeed on the host from the global norm, its per-tensor overflow scan dropped (optim.fused=false);
+- MODE=kept: DeepSpeed with the scan kept.
+Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums after each step, Adam's step count."""
 
 import json
 import sys
@@ -23,13 +26,13 @@ def main(tok_dir: str, out: str, mode: str) -> None:
     from of_ds.train.metrics import Metrics
     from of_ds.train.session import seed_everything
 
-    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": "deepspeed", "precision": "bf16", "zero_stage": 2},
-                                            optim={"warmup_steps": 0, "lr": 1e-3}))
+    optim = {"warmup_steps": 0, "lr": 1e-3, "fused": mode == "device"}
+    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": "deepspeed", "precision": "bf16", "zero_stage": 2}, optim=optim))
     rt = build_runtime(spec.engine)
     seed_everything(0)
     model, _, tok = build_flamingo(spec.model)
     engine = build_engine(model, spec, rt, total_steps=4)
-    dropped = engine.overflow_scan_dropped
+    path = {"device_skip": engine.device_skip, "sync_free_clip": engine.sync_free_clip, "scan_dropped": engine.overflow_scan_dropped}
     if mode == "kept":
         del engine.optimizer.check_overflow  # back to DeepSpeed's own method
     step = {"n": 0}
@@ -41,13 +44,13 @@ def main(tok_dir: str, out: str, mode: str) -> None:
     data = StandInData(spec, tok, rank=rt.rank)
     data.set_epoch(0)
     batches, metrics = iter(data), Metrics(spec, rt, Path(out) / f"run-{mode}", 4)
-    flags = []
+    flags, checksums = [], []
     for n in range(3):
         step["n"] = n
-        flags.append(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped)
-    checksum = sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values())
-    Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps({"dropped": dropped, "skipped": flags, "checksum": checksum}))
-
+        flags.append(bool(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped))
+        checksums.append(sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()))
+    adam_steps = sorted({int(s["step"]) for s in engine.optimizer.optimizer.state.values()})
+    Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps({"path": path, "skipped": flags, "checksums": checksums, "adam_steps": adam_steps}))
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])

@@ -14,9 +14,12 @@ TEXTS = ["a photo of a cat sitting on a red sofa", "the dog runs"]
 
 
 def bare_lm_like(model, cfg: dict):
-    """A plain HF LM with the Flamingo's LM weights (the wrapper's `.decoder_layer.` level removed)."""
-    cfg = dict(cfg)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval()
+    """A plain HF LM with the Flamingo's LM weights (the wrapper's `.decoder_layer.` level removed), built as of_ds
+    builds LMs (so with the same attention kernel: SDPA against eager is `test_mpt_attention.py`'s business)."""
+    from of_ds.model.language import build_language_model
+    from of_ds.spec import LMSpec
+
+    lm = build_language_model(LMSpec(name_or_path=None, config=dict(cfg)), offline=True).eval()
     sd = {
         k.replace(".decoder_layer.", "."): v
         for k, v in model.lang_encoder.state_dict().items()

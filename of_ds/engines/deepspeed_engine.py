@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -10,10 +9,11 @@ import torch
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from ..train.optim import build_optimizer, build_scheduler
+from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, StepStats, weighted_losses
 from .deepspeed_config import zero_stage
-from .device_skip import found_inf, supports_device_skip
+from .deepspeed_patches import drop_redundant_overflow_scan, install_sync_free_clip, sync_free_ds_config
+from .device_skip import found_inf, guard_step, supports_device_skip
 
 _INPUT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,17 +34,23 @@ class DeepSpeedEngine:
         self.zero_stage = zero_stage(ds_config)
         bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
         # ZeRO-1/2 bf16 can leave the inf/NaN decision to the fused optimizer: no host sync in the step
-        self.device_skip = bf16 and self.zero_stage in (1, 2) and not offload and supports_device_skip(optimizer)
-        self._loss_flag: Optional[torch.Tensor] = None
-        self._skip: Optional[torch.Tensor] = None
-        if self.device_skip:
-            skip_on_device(optimizer, self)  # before the scheduler, which wraps optimizer.step too
+        self.device_skip = (
+            bf16 and self.zero_stage in (1, 2) and not offload and zero.get("compute_grad_norm", True) is not False
+            and supports_device_skip(optimizer)
+        )
+        self._loss_flag: Optional[torch.Tensor] = None  # this step's non-finite-loss flag (device path)
+        self._host_skip = False  # this step's skip, decided on the host (other paths)
+        self._skip = None  # what the guard decided: a device flag, or a bool
+        if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("torch."):
+            guard_step(optimizer, self._skip_decision)  # before the scheduler, which wraps optimizer.step too
         scheduler = build_scheduler(optimizer, spec.optim, total_steps)
         ds_config = sync_free_ds_config(ds_config, runtime.world_size, self.device_skip)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
         self.module = self.engine.module
+        self.inner_optimizer = optimizer
+        self._fused = [g.get("fused") for g in optimizer.param_groups]
         self.sync_free_clip = self.device_skip and install_sync_free_clip(self.optimizer)
         self.overflow_scan_dropped = drop_redundant_overflow_scan(self.optimizer)
         self.grad_accum_steps = self.engine.gradient_accumulation_steps()
@@ -68,27 +74,46 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeedEngine.step() called off the accumulation boundary")
         skipped_before, lr = self.engine.skipped_steps, self.lr
+        self._skip = None
         if self.device_skip:
-            self._loss_flag, self._skip = nonfinite_loss, None
+            self._loss_flag = nonfinite_loss
+            norm = None
+        else:  # host path (fp16, fp32, ZeRO-0/3, offload, an unfused optimizer): DeepSpeed checks the gradients
+            # itself except on ZeRO-0, whose norm we read here; the guard adds the loss flag
+            norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
+            self._host_skip = (nonfinite_loss is not None and bool(nonfinite_loss)) or (norm is not None and not _finite(norm))
+        try:
             self.engine.step()
-            self._loss_flag = None
-            if self.engine.skipped_steps > skipped_before or self._skip is None:
-                skipped = True  # DeepSpeed skipped on its own, before the optimizer ran
-            else:
-                skipped = self._skip > 0
-            return StepStats(grad_norm=self.engine.get_global_grad_norm(), skipped=skipped, lr=lr)
-        skip = nonfinite_loss is not None and bool(nonfinite_loss)  # host path: fp16, fp32, ZeRO-0/3, offload
-        if skip and self.zero_stage == 0:
-            # ZeRO 1-3 skip non-finite gradients themselves; the plain optimizer of stage 0 skips params without grads
-            for p in self.module.parameters():
-                p.grad = None
-        norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
-        self.engine.step()
+        finally:
+            self._loss_flag, self._host_skip = None, False
+        if self.engine.skipped_steps > skipped_before:
+            step_schedule(self.scheduler)  # DeepSpeed does not step it on its own skips; the schedule counts every step
+            skipped = True
+        elif self._skip is None:
+            skipped = True  # the optimizer was not reached
+        else:
+            skipped = self._skip if torch.is_tensor(self._skip) else bool(self._skip)
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
-        skipped = self.engine.skipped_steps > skipped_before or skip or (norm is not None and not _finite(norm))
+        if not self.device_skip and torch.is_tensor(norm):
+            norm = float(norm)
         return StepStats(grad_norm=norm, skipped=skipped, lr=lr)
+
+    def _skip_decision(self, optimizer: torch.optim.Optimizer):
+        """Called by the inner optimizer's step (`guard_step`): a 0-dim device flag (device path: DeepSpeed's global
+        norm is not finite, or the loss flag) or a host bool."""
+        if self.device_skip:
+            norm = getattr(self.optimizer, "_global_grad_norm", None)
+            if not torch.is_tensor(norm):
+                raise RuntimeError(
+                    f"DeepSpeed {type(self.optimizer).__name__} gave no gradient-norm tensor before its optimizer step; "
+                    f"the on-device skip cannot tell a non-finite gradient (set optim.fused=false to let DeepSpeed decide)"
+                )
+            device = next(p.device for g in optimizer.param_groups for p in g["params"])
+            self._skip = found_inf(norm, self._loss_flag, device)
+        else:
+            self._skip = self._host_skip
+        return self._skip
 
     def _stage0_grad_norm(self) -> float:
         """ZeRO-0 does not report the norm; its gradients are already all-reduced here (boundary backward)."""
@@ -113,93 +138,8 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+        reapply_fused(self.inner_optimizer, self._fused)  # the spec's kernel choice, not the checkpoint's
         return client_state or {}
-
-
-def drop_redundant_overflow_scan(optimizer) -> bool:
-    """ZeRO-1/2 in bf16 first scan every gradient tensor for inf/NaN (about seven small kernels per tensor, then a
-    host sync), then compute the global gradient norm and treat a non-finite norm as the same overflow
-    (`DeepSpeedZeroOptimizer.step`). A gradient holds inf/NaN exactly when that norm is non-finite, so where the norm
-    is computed the scan only costs time: with the 3B recipe's 335 trainable tensors, most of the optimizer step's
-    host time on a GPU. Drop it there (not with CPU offload, whose check is already cheap). Returns whether it did."""
-    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer":
-        return False
-    needed = ("check_overflow", "check_grad_overflow", "compute_grad_norm", "cpu_offload", "dtype")
-    if not all(hasattr(optimizer, a) for a in needed):
-        return False  # a DeepSpeed whose step we do not know: leave it alone
-    if optimizer.dtype != torch.bfloat16 or optimizer.cpu_offload or not optimizer.compute_grad_norm or not optimizer.check_grad_overflow:
-        return False
-    optimizer.check_overflow = lambda partition_gradients=True: None  # the instance attribute shadows the method
-    return True
-
-
-def sync_free_ds_config(ds_config: dict, world_size: int, device_skip: bool) -> dict:
-    """Two settings that each cost a host sync per step, where they buy nothing:
-    - `overlap_comm` on one rank (nothing to overlap): ZeRO-1/2 then synchronize the device before every gradient
-      bucket's reduction, in the middle of the backward;
-    - bf16 `check_grad_overflow` where the fused optimizer skips a non-finite update on the device instead."""
-    zero = dict(ds_config.get("zero_optimization", {}))
-    out = dict(ds_config)
-    if world_size == 1 and zero.get("stage") in (1, 2) and zero.get("overlap_comm"):
-        out["zero_optimization"] = {**zero, "overlap_comm": False}
-    if device_skip:
-        out["bf16"] = {**out.get("bf16", {}), "check_grad_overflow": False}
-    return out
-
-
-def install_sync_free_clip(zero_optimizer) -> bool:
-    """ZeRO-1/2 with `check_grad_overflow` off still reads the norm on the host to clip (`is_invalid_grad_norm`).
-    Clip with tensor ops instead: an invalid norm (inf/NaN, or DeepSpeed's -1) scales the gradients by 0, and the
-    fused optimizer skips that step anyway (`skip_on_device`). Returns whether it did (else DeepSpeed's clip stays)."""
-    needed = ("unscale_and_clip_grads", "clip_grad", "loss_scale", "check_grad_overflow")
-    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or not all(hasattr(zero_optimizer, a) for a in needed):
-        return False
-    if zero_optimizer.check_grad_overflow:
-        return False
-    host_clip = zero_optimizer.unscale_and_clip_grads
-
-    def unscale_and_clip_grads(grad_groups_flat, total_norm):
-        if not torch.is_tensor(total_norm):
-            return host_clip(grad_groups_flat, total_norm)
-        clip, scale = float(zero_optimizer.clip_grad), float(zero_optimizer.loss_scale)
-        if clip == 0.0 and scale == 1.0:
-            return None
-        combined = torch.full_like(total_norm, scale, dtype=torch.float32)
-        if clip > 0.0:
-            valid = torch.isfinite(total_norm) & (total_norm >= 0)
-            norm = torch.where(valid, total_norm.float(), torch.full_like(combined, float("inf")))
-            combined = torch.clamp((norm / scale + 1e-6) / clip, min=1.0) * scale
-        for grad in grad_groups_flat:
-            for g in grad if isinstance(grad, list) else [grad]:
-                g.data.mul_((1.0 / combined).to(g.dtype))
-        return None
-
-    zero_optimizer.unscale_and_clip_grads = unscale_and_clip_grads  # the instance attribute shadows the method
-    return True
-
-
-def skip_on_device(inner: torch.optim.Optimizer, owner: "DeepSpeedEngine") -> None:
-    """Make DeepSpeed's call of the (fused) inner optimizer's step pass `found_inf`: the global gradient norm that
-    ZeRO just computed (`owner.optimizer._global_grad_norm`, a device tensor) is not finite, or `owner._loss_flag`.
-    The flag is kept in `owner._skip` for StepStats."""
-    inner_step = inner.step
-
-    def step(self, *args, **kwargs):
-        norm = getattr(owner.optimizer, "_global_grad_norm", None)
-        if not torch.is_tensor(norm):
-            raise RuntimeError(
-                f"DeepSpeed {type(owner.optimizer).__name__} gave no gradient-norm tensor before its optimizer step; "
-                f"the on-device skip cannot tell a non-finite gradient (set optim.fused=false to let DeepSpeed decide)"
-            )
-        device = next(p.device for g in self.param_groups for p in g["params"])
-        owner._skip = found_inf(norm, owner._loss_flag, device)
-        self.found_inf = owner._skip
-        try:
-            return inner_step(*args, **kwargs)
-        finally:
-            del self.found_inf
-
-    inner.step = types.MethodType(step, inner)  # a bound method, as LR schedulers expect to wrap
 
 
 def _finite(x: float) -> bool:

@@ -9,7 +9,8 @@ step count untouched. Flags stay on the device; they reach the host only at log 
 
 from __future__ import annotations
 
-from typing import Optional
+import types
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -27,16 +28,39 @@ def found_inf(grad_norm: Optional[torch.Tensor], nonfinite_loss: Optional[torch.
     """0-dim float32 on `device`: 1.0 where the update must be skipped, else 0.0 (no host sync)."""
     bad = torch.zeros((), dtype=torch.bool, device=device)
     if grad_norm is not None:
-        bad = bad | ~torch.isfinite(grad_norm.detach().to(device).reshape(()))
+        norm = grad_norm.detach().to(device).reshape(())
+        bad = bad | ~torch.isfinite(norm) | (norm < 0)  # DeepSpeed marks an invalid norm -1
     if nonfinite_loss is not None:
         bad = bad | nonfinite_loss.to(device).reshape(()).bool()
     return bad.float()
 
 
-def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """`optimizer.step()`, applied only where `skip` (0-dim float, on the parameters' device) is 0."""
-    optimizer.found_inf = skip
-    try:
+def step_unless(optimizer: torch.optim.Optimizer, skip: Union[bool, torch.Tensor]) -> None:
+    """`optimizer.step()` unless `skip`: a device flag goes to the fused kernel as `found_inf`; a host bool, or a flag
+    for an optimizer that is not (or no longer) fused, is decided on the host."""
+    if torch.is_tensor(skip) and supports_device_skip(optimizer):
+        optimizer.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skip):
         optimizer.step()
-    finally:
-        del optimizer.found_inf
+
+
+def guard_step(optimizer: torch.optim.Optimizer, decide: Callable[[torch.optim.Optimizer], Union[bool, torch.Tensor]]) -> None:
+    """Make every `optimizer.step()` (DeepSpeed calls it) ask `decide(optimizer)` first and skip as `step_unless`
+    does. Install before an LR scheduler is built: schedulers wrap `step` too, and expect a bound method."""
+    inner_step = optimizer.step
+
+    def step(self, *args, **kwargs):
+        skip = decide(self)
+        if torch.is_tensor(skip) and supports_device_skip(self):
+            self.found_inf = skip
+            try:
+                return inner_step(*args, **kwargs)
+            finally:
+                del self.found_inf
+        return None if bool(skip) else inner_step(*args, **kwargs)
+
+    optimizer.step = types.MethodType(step, optimizer)

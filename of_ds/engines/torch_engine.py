@@ -18,7 +18,7 @@ from torch import nn
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from ..train.optim import build_optimizer, build_scheduler
+from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, StepStats, weighted_losses
 from .device_skip import found_inf, step_unless, supports_device_skip
 
@@ -95,7 +95,8 @@ class TorchEngine:
         self.scaler = torch.amp.GradScaler(runtime.device.type) if self.autocast_dtype == torch.float16 else None
         self.optimizer = build_optimizer(model, spec.optim, device_type=runtime.device.type)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, total_steps)
-        self.device_skip = self.scaler is None and supports_device_skip(self.optimizer)
+        self.device_skip = self.scaler is None and supports_device_skip(self.optimizer)  # reported; checked per step
+        self._fused = [g.get("fused") for g in self.optimizer.param_groups]
         self._micro = 0
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -128,21 +129,18 @@ class TorchEngine:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip if self.grad_clip > 0 else float("inf"))
         norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
-        if self.device_skip:
+        if self.scaler is None:
             skip = found_inf(norm, nonfinite_loss, self.device)
-            step_unless(self.optimizer, skip)
+            step_unless(self.optimizer, skip)  # on the device with the fused kernel (no host sync)
             skipped = skip > 0
-        else:  # decided on the host: fp16 loss scaling, or an optimizer without a fused kernel
+        else:  # fp16 loss scaling: decided on the host
             skipped = not bool(torch.isfinite(norm)) or (nonfinite_loss is not None and bool(nonfinite_loss))
-            if self.scaler:
-                scale = self.scaler.get_scale()
-                if not skipped:
-                    self.scaler.step(self.optimizer)  # skips itself on inf/NaN
-                self.scaler.update()
-                skipped = skipped or self.scaler.get_scale() < scale
-            elif not skipped:
-                self.optimizer.step()
-        self.scheduler.step()  # the schedule counts optimizer steps, applied or skipped (as the original)
+            scale = self.scaler.get_scale()
+            if not skipped:
+                self.scaler.step(self.optimizer)  # skips itself on inf/NaN
+            self.scaler.update()
+            skipped = skipped or self.scaler.get_scale() < scale
+        step_schedule(self.scheduler)  # the schedule counts optimizer steps, applied or skipped (as the original)
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=norm, skipped=skipped, lr=lr)
 
@@ -179,6 +177,7 @@ class TorchEngine:
             return {}
         optim_sd = torch.load(directory / "optim.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(self.module, self.optimizer, optim_sd, options=self._options())
+        reapply_fused(self.optimizer, self._fused)  # the spec's kernel choice, not the checkpoint's
         sched = torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(sched["scheduler"])
         if self.scaler and sched.get("scaler"):

@@ -45,7 +45,9 @@ def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = Tr
     if spec.attention == "sdpa" and getattr(lm.config, "model_type", None) == "mpt":
         from .mpt_attention import use_sdpa_attention
 
-        use_sdpa_attention(lm)
+        if use_sdpa_attention(lm) == 0:
+            print(f"[of_ds] model.lm.attention=sdpa: {type(lm).__name__} is not transformers' MPT (remote code?); "
+                  f"its attention is left as it is", flush=True)
     return lm
 
 

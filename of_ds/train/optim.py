@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -44,6 +45,28 @@ def build_optimizer(model: nn.Module, spec: OptimSpec, *, device_type: str = "cp
     # the fused kernel (CUDA and CPU) also skips a bad update on the device (engines/device_skip.py)
     fused = spec.fused and device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, fused=fused or None, **kw)
+
+
+def reapply_fused(optimizer: torch.optim.Optimizer, fused: list) -> None:
+    """After loading a checkpoint: the loaded param groups carry the saving run's `fused` flag (an older or unfused
+    run's None/False); put back this run's (`fused`: one per group, as built), and move Adam's step counters where
+    the fused kernel wants them (on the parameters' device, fp32)."""
+    for group, flag in zip(optimizer.param_groups, fused):
+        group["fused"] = flag
+        if not flag:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device, torch.float32)
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """`scheduler.step()` for an optimizer step that was skipped: torch warns when the first scheduler step comes
+    before any optimizer step (a first step skipped for a non-finite loss, an fp16 overflow); here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        scheduler.step()
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -1,9 +1,13 @@
-"""Run under torchrun (2 ranks), DeepSpeed ZeRO-2 bf16: at step 2 rank 1 alone gets a NaN gradient from a finite
-loss. Every rank must skip that update, whoever decides it:
-- MODE=device: the fused optimizer on the device (`found_inf`), no host sync (the default);
-- MODE=dropped: DeepSpeed on the host from the global norm, its per-tensor overflow scan dropped (optim.fused=false);
-- MODE=kept: DeepSpeed with the scan kept.
-Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums after each step, Adam's step count."""
+"""Run under torchrun (2 ranks), DeepSpeed: at step 2 rank 1 alone gets a NaN gradient from a finite loss. Every
+rank must skip that update, whoever decides it:
+- MODE=device: ZeRO-2 bf16, the fused optimizer on the device (`found_inf`), no host sync (the default);
+- MODE=dropped: ZeRO-2 bf16, DeepSpeed on the host from the global norm, its per-tensor overflow scan dropped
+  (optim.fused=false);
+- MODE=kept: the same with the scan kept;
+- MODE=z2fp32: ZeRO-2 fp32 (DeepSpeed decides on the host);
+- MODE=z0fp32, z0bf16: no ZeRO (of_ds reads the norm on the host, fp32; DeepSpeed's bf16 optimizer decides, bf16).
+Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums and learning rate after each
+step, how many steps Adam took."""
 
 import json
 import sys
@@ -26,8 +30,10 @@ def main(tok_dir: str, out: str, mode: str) -> None:
     from of_ds.train.metrics import Metrics
     from of_ds.train.session import seed_everything
 
-    optim = {"warmup_steps": 0, "lr": 1e-3, "fused": mode == "device"}
-    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": "deepspeed", "precision": "bf16", "zero_stage": 2}, optim=optim))
+    precision, stage = {"z2fp32": ("fp32", 2), "z0fp32": ("fp32", 0), "z0bf16": ("bf16", 0)}.get(mode, ("bf16", 2))
+    optim = {"warmup_steps": 0, "lr": 1e-3, "fused": mode not in ("dropped", "kept")}
+    engine_spec = {"kind": "deepspeed", "precision": precision, "zero_stage": stage}
+    spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine=engine_spec, optim=optim))
     rt = build_runtime(spec.engine)
     seed_everything(0)
     model, _, tok = build_flamingo(spec.model)
@@ -44,13 +50,18 @@ def main(tok_dir: str, out: str, mode: str) -> None:
     data = StandInData(spec, tok, rank=rt.rank)
     data.set_epoch(0)
     batches, metrics = iter(data), Metrics(spec, rt, Path(out) / f"run-{mode}", 4)
-    flags, checksums = [], []
+    def adam_steps() -> list:
+        return sorted({int(s["step"]) for s in engine.inner_optimizer.state.values() if "step" in s})
+
+    before = adam_steps() or [0]  # ZeRO-0's fp16/bf16 wrapper takes one warm-up step at construction
+    flags, checksums, lrs = [], [], []
     for n in range(3):
         step["n"] = n
         flags.append(bool(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped))
         checksums.append(sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()))
-    adam_steps = sorted({int(s["step"]) for s in engine.optimizer.optimizer.state.values()})
-    Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps({"path": path, "skipped": flags, "checksums": checksums, "adam_steps": adam_steps}))
+        lrs.append(engine.lr)
+    result = {"path": path, "skipped": flags, "checksums": checksums, "lrs": lrs, "adam_steps": [a - before[0] for a in adam_steps()]}
+    Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps(result))
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])

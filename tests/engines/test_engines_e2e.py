@@ -178,34 +178,34 @@ def test_nan_on_one_rank_skips_on_every_rank(tiny_tokenizer_dir, tmp_path, kind)
     assert r0["checksum"] == r1["checksum"]
 
 
-def test_zero2_bf16_skips_a_nan_gradient_on_the_device(tiny_tokenizer_dir, tmp_path):
+def test_a_nan_gradient_is_skipped_on_every_path(tiny_tokenizer_dir, tmp_path):
     """ZeRO-2 bf16 leaves the inf/NaN decision to the fused optimizer (`found_inf`: no host sync per step); the
-    host paths (DeepSpeed's own check, with its per-tensor scan dropped or kept) remain for unfused optimizers. A
-    NaN gradient from a finite loss on one rank must skip that step on both ranks, on every path, with the same
-    weights after it."""
+    host paths remain for unfused optimizers (DeepSpeed's own check, its per-tensor scan dropped or kept), fp32, and
+    ZeRO-0 (of_ds reads the norm). A NaN gradient from a finite loss on one rank must skip that step on both ranks,
+    on every path: no weight and no Adam step count changes, and the learning-rate schedule moves on alike."""
     import json
     import subprocess
 
     from engines_launch import BIN, REPO, env, free_port
 
     driver = REPO / "tests" / "engines" / "engines_overflow_driver.py"
-    modes = ("device", "dropped", "kept")
+    modes = ("device", "dropped", "kept", "z2fp32", "z0fp32", "z0bf16")
     for mode in modes:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver), tiny_tokenizer_dir, str(tmp_path), mode]
         proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, (mode, proc.stderr[-4000:])
     runs = {(m, r): json.loads((tmp_path / f"{m}-rank{r}.json").read_text()) for m in modes for r in (0, 1)}
-    assert {m: runs[m, 0]["path"] for m in modes} == {
-        "device": {"device_skip": True, "sync_free_clip": True, "scan_dropped": False},
-        "dropped": {"device_skip": False, "sync_free_clip": False, "scan_dropped": True},
-        "kept": {"device_skip": False, "sync_free_clip": False, "scan_dropped": True},
-    }
-    assert {tuple(run["skipped"]) for run in runs.values()} == {(False, True, False)}
+    assert runs["device", 0]["path"] == {"device_skip": True, "sync_free_clip": True, "scan_dropped": False}
+    assert runs["dropped", 0]["path"] == runs["kept", 0]["path"] == {"device_skip": False, "sync_free_clip": False, "scan_dropped": True}
+    assert not any(runs[m, 0]["path"]["device_skip"] for m in ("z2fp32", "z0fp32", "z0bf16"))
     for m in modes:
-        c = runs[m, 0]["checksums"]
+        run = runs[m, 0]
+        assert run["skipped"] == runs[m, 1]["skipped"] == [False, True, False], m
+        c = run["checksums"]
         assert c == runs[m, 1]["checksums"], m  # ranks agree
         assert c[1] == c[0] and c[2] != c[1], m  # the NaN step changed no weight; the next one did
-        assert runs[m, 0]["adam_steps"] == [2], m  # nor Adam's step count
+        assert run["adam_steps"] == [2], m  # nor Adam's step count
+        assert run["lrs"] == runs["device", 0]["lrs"], m  # the schedule counts the skipped step on every path
     assert runs["dropped", 0]["checksums"] == runs["kept", 0]["checksums"]
     # fused and unfused AdamW round differently, and bf16 weights show it
     assert runs["device", 0]["checksums"] == pytest.approx(runs["kept", 0]["checksums"], rel=1e-3)

@@ -96,3 +96,21 @@ def test_the_bias_is_built_once_per_forward(tiny_tokenizer_dir, monkeypatch):
         models["sdpa"](**batch(tok))
         models["sdpa"](**batch(tok))
     assert len(calls) == 2  # one per forward, not one per layer (3 layers)
+
+
+def test_bf16_long_sequences_as_accurate_as_eager(tiny_tokenizer_dir):
+    """ALiBi is built relative to each query in fp32 before the bf16 cast: rounding transformers' end-relative
+    values (about -slope x S) to bf16 would flatten its steps between neighbouring keys at long S."""
+    from of_ds.model.language import build_language_model
+
+    cfg = {**lm_config(tiny_tokenizer_dir, "mpt"), "n_layers": 2, "max_seq_len": 1024}
+    lms = {}
+    for mode in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        lms[mode] = build_language_model(LMSpec(name_or_path=None, config=cfg, attention=mode), offline=True).eval()
+    lms["sdpa"].load_state_dict(lms["eager"].state_dict())
+    ids = torch.randint(0, cfg["vocab_size"], (2, 1024), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = lms["eager"](input_ids=ids).logits.float()
+        err = {mode: (lm.to(torch.bfloat16)(input_ids=ids).logits.float() - ref).abs().max().item() for mode, lm in lms.items()}
+    assert err["sdpa"] <= 1.5 * err["eager"], err

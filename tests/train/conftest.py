@@ -20,7 +20,10 @@ def runtime():
         os.environ.pop(k, None)
     rt = build_runtime(EngineSpec(kind="ddp"))
     yield rt
-    if dist.is_initialized():
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None and dist.is_initialized():
+        ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups, stale for the next module's group
+    elif dist.is_initialized():
         dist.destroy_process_group()
     for k, v in saved.items():
         if v is None:

@@ -13,13 +13,13 @@ from of_ds.spec import RunSpec
 from of_ds.train.checkpoint import CheckpointError, CheckpointManager, TrainState, complete_checkpoints
 
 
-def make(tiny_tokenizer_dir, runtime, out, name="a", **sections):
+def make(tiny_tokenizer_dir, runtime, out, name="a", engine_spec=None, **sections):
     from of_ds.engines import build_engine
     from of_ds.model import build_flamingo
     from of_ds.train.metrics import Metrics
     from of_ds.train.session import seed_everything
 
-    d = tiny_spec_dict(tiny_tokenizer_dir, str(out), engine={"kind": "ddp", "precision": "fp32"}, **sections)
+    d = tiny_spec_dict(tiny_tokenizer_dir, str(out), engine=engine_spec or {"kind": "ddp", "precision": "fp32"}, **sections)
     d["run"]["name"] = name
     spec = RunSpec.from_dict(d)
     seed_everything(spec.run.seed)
@@ -96,6 +96,30 @@ def test_non_finite_loss_skips_the_update(tiny_tokenizer_dir, runtime, tmp_path)
         assert torch.equal(v, before[k]), k
     stats = optimizer_step(engine, iter(data), {"laion": 0.2, "mmc4": 1.0}, runtime, m)
     assert not stats.skipped and any(not torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())
+
+
+@pytest.mark.parametrize("engine", [{"kind": "ddp", "precision": "fp32"}, {"kind": "deepspeed", "precision": "bf16", "zero_stage": 2}])
+def test_resume_from_an_unfused_checkpoint_keeps_the_fused_kernel(tiny_tokenizer_dir, runtime, tmp_path, engine):
+    """A checkpoint's optimizer groups carry the saving run's `fused` flag (False here; None from CPU runs before
+    fused AdamW was used there). Loading it must not switch this run's kernel off: the on-device skip needs it."""
+    from of_ds.train.loop import optimizer_step, train_loop
+
+    spec, _, data, eng, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "unfused", engine, optim={"fused": False})
+    train_loop(eng, data, spec, runtime, ck, m, TrainState(), 2)
+    saved = ck.root / "step-00000002"
+    spec, model, data, eng, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "fused", engine)
+    ck.load(eng, saved)
+    inner = getattr(eng, "inner_optimizer", None) or eng.optimizer
+    assert all(g["fused"] for g in inner.param_groups)
+    data.set_epoch(0)
+    batches = iter(data)
+    assert not optimizer_step(eng, batches, {"laion": 0.2, "mmc4": 1.0}, runtime, m).skipped
+    batch = next(batches)
+    batch["mmc4"]["pixel_values"][0] = float("nan")
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    assert optimizer_step(eng, iter([batch]), {"laion": 0.2, "mmc4": 1.0}, runtime, m).skipped
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_activation_checkpointing_same_loss_and_grads(tiny_tokenizer_dir, runtime, tmp_path):

@@ -1,0 +1,70 @@
+"""What of_ds changes inside DeepSpeed's ZeRO-1/2 optimizer, each guarded by a check that DeepSpeed still has the
+attributes it relies on (DeepSpeed 0.19; any miss leaves DeepSpeed's own behaviour), and each tested against it
+(`tests/engines/test_engines_e2e.py`): host syncs and per-tensor work that a step does not need."""
+
+from __future__ import annotations
+
+import torch
+
+
+def drop_redundant_overflow_scan(optimizer) -> bool:
+    """ZeRO-1/2 in bf16 first scan every gradient tensor for inf/NaN (about seven small kernels per tensor, then a
+    host sync), then compute the global gradient norm and treat a non-finite norm as the same overflow
+    (`DeepSpeedZeroOptimizer.step`). A gradient holds inf/NaN exactly when that norm is non-finite, so where the norm
+    is computed the scan only costs time: with the 3B recipe's 335 trainable tensors, most of the optimizer step's
+    host time on a GPU. Drop it there (not with CPU offload, whose check is already cheap). Returns whether it did."""
+    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer":
+        return False
+    needed = ("check_overflow", "check_grad_overflow", "compute_grad_norm", "cpu_offload", "dtype")
+    if not all(hasattr(optimizer, a) for a in needed):
+        return False  # a DeepSpeed whose step we do not know: leave it alone
+    if optimizer.dtype != torch.bfloat16 or optimizer.cpu_offload or not optimizer.compute_grad_norm or not optimizer.check_grad_overflow:
+        return False
+    optimizer.check_overflow = lambda partition_gradients=True: None  # the instance attribute shadows the method
+    return True
+
+
+def sync_free_ds_config(ds_config: dict, world_size: int, device_skip: bool) -> dict:
+    """Two settings that each cost a host sync per step, where they buy nothing:
+    - `overlap_comm` on one rank (nothing to overlap): ZeRO-1/2 then synchronize the device before every gradient
+      bucket's reduction, in the middle of the backward;
+    - bf16 `check_grad_overflow` where the fused optimizer skips a non-finite update on the device instead."""
+    zero = dict(ds_config.get("zero_optimization", {}))
+    out = dict(ds_config)
+    if world_size == 1 and zero.get("stage") in (1, 2) and zero.get("overlap_comm"):
+        out["zero_optimization"] = {**zero, "overlap_comm": False}
+    if device_skip:
+        out["bf16"] = {**out.get("bf16", {}), "check_grad_overflow": False}
+    return out
+
+
+def install_sync_free_clip(zero_optimizer) -> bool:
+    """ZeRO-1/2 with `check_grad_overflow` off still reads the norm on the host to clip (`is_invalid_grad_norm`).
+    Clip with tensor ops instead: an invalid norm (inf/NaN, or DeepSpeed's -1) scales the gradients by 0, and the
+    fused optimizer skips that step anyway (`DeepSpeedEngine._skip_decision`). Returns whether it did (else
+    DeepSpeed's clip stays)."""
+    needed = ("unscale_and_clip_grads", "clip_grad", "loss_scale", "check_grad_overflow")
+    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or not all(hasattr(zero_optimizer, a) for a in needed):
+        return False
+    if zero_optimizer.check_grad_overflow:
+        return False
+    host_clip = zero_optimizer.unscale_and_clip_grads
+
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        if not torch.is_tensor(total_norm):
+            return host_clip(grad_groups_flat, total_norm)
+        clip, scale = float(zero_optimizer.clip_grad), float(zero_optimizer.loss_scale)
+        if clip == 0.0 and scale == 1.0:
+            return None
+        combined = torch.full_like(total_norm, scale, dtype=torch.float32)
+        if clip > 0.0:
+            valid = torch.isfinite(total_norm) & (total_norm >= 0)
+            norm = torch.where(valid, total_norm.float(), torch.full_like(combined, float("inf")))
+            combined = torch.clamp((norm / scale + 1e-6) / clip, min=1.0) * scale
+        for grad in grad_groups_flat:
+            for g in grad if isinstance(grad, list) else [grad]:
+                g.data.mul_((1.0 / combined).to(g.dtype))
+        return None
+
+    zero_optimizer.unscale_and_clip_grads = unscale_and_clip_grads  # the instance attribute shadows the method
+    return True

@@ -12,7 +12,7 @@ from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, StepStats, weighted_losses
 from .deepspeed_config import zero_stage
-from .deepspeed_patches import drop_redundant_overflow_scan, install_sync_free_clip, sync_free_ds_config
+from .deepspeed_patches import drop_redundant_overflow_scan, install_foreach_grad_norm, install_sync_free_clip, sync_free_ds_config
 from .device_skip import found_inf, guard_step, supports_device_skip
 
 _INPUT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +53,7 @@ class DeepSpeedEngine:
         self._fused = [g.get("fused") for g in optimizer.param_groups]
         self.sync_free_clip = self.device_skip and install_sync_free_clip(self.optimizer)
         self.overflow_scan_dropped = drop_redundant_overflow_scan(self.optimizer)
+        self.foreach_grad_norm = not offload and install_foreach_grad_norm(self.optimizer)
         self.grad_accum_steps = self.engine.gradient_accumulation_steps()
         self.input_dtype = _INPUT_DTYPE.get(spec.engine.precision)
         self.device = runtime.device

@@ -3,11 +3,11 @@ rank must skip that update, whoever decides it:
 - MODE=device: ZeRO-2 bf16, the fused optimizer on the device (`found_inf`), no host sync (the default);
 - MODE=dropped: ZeRO-2 bf16, DeepSpeed on the host from the global norm, its per-tensor overflow scan dropped
   (optim.fused=false);
-- MODE=kept: the same with the scan kept;
+- MODE=kept: the same with DeepSpeed's scan and per-tensor fp64 gradient norm kept;
 - MODE=z2fp32: ZeRO-2 fp32 (DeepSpeed decides on the host);
 - MODE=z0fp32, z0bf16: no ZeRO (of_ds reads the norm on the host, fp32; DeepSpeed's bf16 optimizer decides, bf16).
-Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums and learning rate after each
-step, how many steps Adam took."""
+Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums, gradient norm and learning rate
+after each step, how many steps Adam took."""
 
 import json
 import sys
@@ -38,9 +38,12 @@ def main(tok_dir: str, out: str, mode: str) -> None:
     seed_everything(0)
     model, _, tok = build_flamingo(spec.model)
     engine = build_engine(model, spec, rt, total_steps=4)
-    path = {"device_skip": engine.device_skip, "sync_free_clip": engine.sync_free_clip, "scan_dropped": engine.overflow_scan_dropped}
-    if mode == "kept":
-        del engine.optimizer.check_overflow  # back to DeepSpeed's own method
+    path = {"device_skip": engine.device_skip, "sync_free_clip": engine.sync_free_clip, "scan_dropped": engine.overflow_scan_dropped,
+            "foreach_norm": engine.foreach_grad_norm}
+    if mode == "kept":  # DeepSpeed's own methods back: the scan and the per-tensor fp64 norm
+        del engine.optimizer.check_overflow
+        del engine.optimizer.get_grad_norm_direct
+        path.update(scan_dropped=False, foreach_norm=False)
     step = {"n": 0}
 
     def poison(grad):
@@ -54,13 +57,15 @@ def main(tok_dir: str, out: str, mode: str) -> None:
         return sorted({int(s["step"]) for s in engine.inner_optimizer.state.values() if "step" in s})
 
     before = adam_steps() or [0]  # ZeRO-0's fp16/bf16 wrapper takes one warm-up step at construction
-    flags, checksums, lrs = [], [], []
+    flags, checksums, lrs, norms = [], [], [], []
     for n in range(3):
         step["n"] = n
-        flags.append(bool(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped))
+        stats = optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics)
+        flags.append(bool(stats.skipped))
+        norms.append(float(stats.grad_norm))
         checksums.append(sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()))
         lrs.append(engine.lr)
-    result = {"path": path, "skipped": flags, "checksums": checksums, "lrs": lrs, "adam_steps": [a - before[0] for a in adam_steps()]}
+    result = {"path": path, "skipped": flags, "checksums": checksums, "lrs": lrs, "norms": norms, "adam_steps": [a - before[0] for a in adam_steps()]}
     Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps(result))
 
 if __name__ == "__main__":

@@ -30,3 +30,49 @@ def tiny_tokenizer_dir(tmp_path_factory):
         "a motorcycle parked by the street",
     ] * 20
     return str(train_bpe_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400))
+
+
+SHM = "/dev/shm"
+DS_SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def _ds_shm_buffers() -> set:
+    try:
+        return {n for n in os.listdir(SHM) if n.startswith(DS_SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_shm_baseline():
+    return _ds_shm_buffers()
+
+
+def _mapped_shm_files() -> set:
+    """Names of /dev/shm files that some live process has mapped (from /proc/*/maps)."""
+    names = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                names.update(line.rsplit("/", 1)[-1].strip() for line in f if f"{SHM}/{DS_SHM_PREFIX}" in line)
+        except OSError:
+            continue
+    return names
+
+
+@pytest.fixture(autouse=True)
+def _remove_deepspeed_shm_buffers(_session_shm_baseline):
+    """DeepSpeed's CPU shm all-reduce leaves two ~66 MB /dev/shm files per multi-rank launch and never removes
+    them; /dev/shm is RAM. After each test, remove those made since this session began that no live process maps
+    (so not a concurrent session's, whose ranks map theirs while they run)."""
+    yield
+    leftovers = _ds_shm_buffers() - _session_shm_baseline
+    if not leftovers:
+        return
+    for name in leftovers - _mapped_shm_files():
+        try:
+            os.remove(os.path.join(SHM, name))
+        except OSError:
+            pass

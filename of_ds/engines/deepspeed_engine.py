@@ -26,6 +26,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         model.set_activation_checkpointing(spec.engine.activation_checkpointing)
+        model.set_loss_chunking(spec.engine.loss_chunk_tokens)
         zero = ds_config.get("zero_optimization", {})
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
         if offload and runtime.device.type != "cuda":

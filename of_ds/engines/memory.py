@@ -93,7 +93,8 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     Korthikanti's 34 plus the keys/values; the fp32 log-softmax of the loss (4 bytes per logit); per perceiver layer
     and image the concat(media, latents) and its keys/values, 2·(v+n)·D, and a block's 17·n·D for the latents.
     Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
-    checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward.
+    checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward. With
+    `engine.loss_chunk_tokens` the loss keeps nothing and its transient is one chunk's (10 bytes per logit).
     Calibrated on an H200 (docs/performance.md): 3B ZeRO-2, 9B ZeRO-2, 9B ZeRO-3 + checkpointing at 6x batch.
     """
     a = 4 if precision == "fp32" else 2
@@ -111,10 +112,14 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
         else:
             lm = dims.lm_layers * frozen_layer + dims.xattn_blocks * xattn
         logits = b * L * dims.vocab
+        chunk = spec.engine.loss_chunk_tokens
+        chunked = 0 < chunk < b * L  # as Flamingo.forward decides
+        saved_logits = 0 if chunked else 4 * logits
+        logit_transient = 10 * chunk * dims.vocab if chunked else 6 * logits  # one chunk recomputed, or the gradients
         images = b * t
         perceiver = dims.perceiver_depth * a * images * dims.vis_dim * (2 * (dims.vis_tokens + dims.latents) + 17 * dims.latents)
-        total += lm + 4 * logits + perceiver
-        transient = max(transient, 6 * logits, 8 * a * images * dims.vis_tokens * dims.vis_dim)
+        total += lm + saved_logits + perceiver
+        transient = max(transient, logit_transient, 8 * a * images * dims.vis_tokens * dims.vis_dim)
     return total + transient
 
 

@@ -80,6 +80,7 @@ class TorchEngine:
         self.grad_clip = spec.optim.grad_clip
         self.can_reshape = True
         model.set_activation_checkpointing(eng.activation_checkpointing)
+        model.set_loss_chunking(eng.loss_chunk_tokens)
         model.to(runtime.device)
         if self.kind == "ddp" and eng.precision in ("bf16", "fp16"):
             cast_frozen_parameters(model, _DTYPES[eng.precision])

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..spec import CrossAttnSpec, PerceiverSpec
 from .cross_attention import FlamingoLayer, GatedCrossAttentionBlock, MediaContext, MediaSlot, build_media_context, should_add_cross_attention
@@ -22,7 +23,7 @@ IGNORE_INDEX = -100
 @dataclass
 class FlamingoOutput:
     loss: Optional[torch.Tensor]
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None when the loss was computed in chunks (`set_loss_chunking`)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,31 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, target: torch.Tensor, logits_fn) -> torch.Tensor:
+    return F.cross_entropy(logits_fn(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class ChunkedLMLoss(nn.Module):
+    """`causal_lm_loss(logits_fn(hidden), labels)` without the [B·L, V] logits: per chunk of `chunk_tokens`
+    positions the logits and the fp32 cross-entropy sum, recomputed in backward (non-reentrant checkpoint). Equal
+    to the one-pass loss up to the order of the fp32 sum.
+
+    A module (no parameters) rather than a function so that its output is a tensor DeepSpeed ZeRO-3 hooks: while
+    its backward runs, ZeRO-3 keeps the LM head it gathers for the recomputation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunk_tokens = 0
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, logits_fn) -> torch.Tensor:
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        total = None
+        for h, t in zip(hidden.reshape(-1, hidden.shape[-1]).split(self.chunk_tokens), target.split(self.chunk_tokens)):
+            part = checkpoint(_chunk_loss_sum, h, t, logits_fn, use_reentrant=False)
+            total = part if total is None else total + part
+        return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def check_batch(pixel_values, input_ids, attention_mask, labels, num_images) -> None:
@@ -100,6 +126,7 @@ class Flamingo(nn.Module):
                 f"inputs_embeds, which the decoupled new-token embeddings need; use the transformers-native class for "
                 f"this family (e.g. MosaicGPT remote code -> transformers' MptForCausalLM)"
             )
+        self.chunked_loss = ChunkedLMLoss()  # used when set_loss_chunking gave it a size
         self.apply_freezing(freeze_new_token_embeddings)
 
     # ------------------------------------------------------------------------------------------------ building
@@ -129,6 +156,11 @@ class Flamingo(nn.Module):
 
     def cross_attention_blocks(self) -> list[GatedCrossAttentionBlock]:
         return [l.gated_cross_attn_layer for l in self.flamingo_layers() if l.gated_cross_attn_layer is not None]
+
+    def set_loss_chunking(self, chunk_tokens: int) -> None:
+        """With labels, compute the LM head + loss over chunks of this many positions (0: all at once); the
+        output's logits are then None (engine.loss_chunk_tokens)."""
+        self.chunked_loss.chunk_tokens = int(chunk_tokens)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each FlamingoLayer (cross-attention + decoder layer) in backward."""
@@ -220,6 +252,8 @@ class Flamingo(nn.Module):
         latents = self.encode_images(pixel_values, num_images)
         media = build_media_context(latents, input_ids, self.media_token_id, num_images)
         hidden, _ = self.run_lm(input_ids, attention_mask, media)
+        if labels is not None and 0 < self.chunked_loss.chunk_tokens < hidden.shape[0] * hidden.shape[1]:
+            return FlamingoOutput(loss=self.chunked_loss(hidden, labels, self.compute_logits), logits=None)
         logits = self.compute_logits(hidden)
         return FlamingoOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
 

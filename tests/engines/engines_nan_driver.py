@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
+from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict  # noqa: E402
 
 
 class NaNOnRank1(StandInData):
@@ -46,3 +46,4 @@ def main(tok_dir: str, out: str, kind: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    shutdown_process_group()

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
+from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict  # noqa: E402
 
 
 def main(tok_dir: str, out: str, mode: str) -> None:
@@ -70,3 +70,4 @@ def main(tok_dir: str, out: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    shutdown_process_group()

@@ -96,3 +96,13 @@ class StandInData:
 
     def drop_counts(self) -> dict:
         return {ds.name: {} for ds in self.spec.data.datasets}
+
+
+def shutdown_process_group() -> None:
+    """End a driver cleanly: gloo's worker threads, still running at interpreter exit, can abort it ("terminate
+    called without an active exception"), failing a run that already wrote its results."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
+from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict  # noqa: E402
 
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nonzero", "cpu", "numpy")
 sites: collections.Counter = collections.Counter()
@@ -78,3 +78,4 @@ def main(tok_dir: str, out: str, kind: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    shutdown_process_group()

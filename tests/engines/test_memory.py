@@ -73,3 +73,15 @@ def test_estimate_matches_h200_measurements(tmp_path, spec_name, sets, stage, me
     meta, _, _ = build_flamingo(spec.model, meta=True)
     got = estimate(model_dims(meta, spec), spec, 1, stage).total_gib
     assert 0.95 * measured_gib <= got <= 1.2 * measured_gib, (got, measured_gib)
+
+
+def test_chunked_loss_saves_the_logits(tmp_path):
+    """engine.loss_chunk_tokens: the fp32 logits of the whole batch are not kept, one chunk's are transient."""
+    s = recipe_spec(tmp_path)
+    d = s.to_dict()
+    d["engine"]["loss_chunk_tokens"] = 4096
+    chunked = RunSpec.from_dict(d)
+    whole, part = estimate(DIMS, s, 1, 2), estimate(DIMS, chunked, 1, 2)
+    mmc4 = 32 * 256  # LAION's 64 x 32 positions fit one chunk: computed at once, as before
+    saved = (4 * mmc4 + 6 * mmc4 - 10 * 4096) * DIMS.vocab  # MMC4's kept log-softmax and logit gradients, less a chunk
+    assert (whole.activations_gib - part.activations_gib) * GiB == pytest.approx(saved, rel=1e-6)

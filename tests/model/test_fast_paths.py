@@ -143,3 +143,24 @@ def test_ddp_bf16_keeps_frozen_weights_in_bf16_and_matches_fp32(tiny_tokenizer_d
     finally:
         if started:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("chunk", [5, 7, 1000])
+def test_chunked_loss_equals_the_one_pass_loss(tiny_tokenizer_dir, chunk):
+    """engine.loss_chunk_tokens: LM head + loss per chunk of positions, recomputed in backward. Same loss and
+    gradients as the one-pass loss (fp32, CPU), chunks that do not divide the batch's positions included; a
+    chunk as large as the batch takes the one-pass path (and returns logits)."""
+    model, _, tok = build_tiny(tiny_tokenizer_dir, "mpt", every_n_layers=1)
+    open_gates(model)
+    model.train()
+    batches = two_batches(tok)
+    ref_loss, ref_grads = loss_and_grads(model, batches)
+    model.set_loss_chunking(chunk)
+    loss, grads = loss_and_grads(model, batches)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    out = model(**batches[0])
+    positions = batches[0]["input_ids"].numel()
+    assert (out.logits is None) == (chunk < positions)

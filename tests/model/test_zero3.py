@@ -18,7 +18,9 @@ def test_zero3_trains_new_token_tables_and_keeps_lm_frozen(tiny_tokenizer_dir, t
     cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", "29517", str(job), tiny_tokenizer_dir, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for family, facts in json.loads(out.read_text()).items():  # llama (untied), opt (tied)
+    runs = json.loads(out.read_text())
+    assert runs["llama_chunked_loss"]["losses"] == pytest.approx(runs["llama"]["losses"], rel=1e-5)
+    for family, facts in runs.items():  # llama (untied), opt (tied), llama with the loss in chunks
         assert facts["partitioned"], family
         assert facts["table_changed"] and facts["head_changed"], family
         assert facts["embed_unchanged"] and facts["lm_head_unchanged"], family

@@ -23,16 +23,19 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     # untied; tied with activation checkpointing (recomputation re-gathers the partitioned weights)
     facts = {"llama": train_zero3(tok_dir, "llama", False), "opt": train_zero3(tok_dir, "opt", True)}
+    # the loss in chunks recomputes the LM head in backward: ZeRO-3 must keep it gathered there
+    facts["llama_chunked_loss"] = train_zero3(tok_dir, "llama", False, loss_chunk_tokens=5)
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(facts, f)
 
 
-def train_zero3(tok_dir: str, family: str, checkpointing: bool) -> dict:
+def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_tokens: int = 0) -> dict:
     rank = torch.distributed.get_rank()
     model, _, tok = build_tiny(tok_dir, family, seed=0)
     open_gates(model)
     model.set_activation_checkpointing(checkpointing)
+    model.set_loss_chunking(loss_chunk_tokens)
     model.train()
     before = {
         "table": model.new_tokens.input.weight.detach().clone(),

@@ -35,17 +35,21 @@ def found_inf(grad_norm: Optional[torch.Tensor], nonfinite_loss: Optional[torch.
     return bad.float()
 
 
-def step_unless(optimizer: torch.optim.Optimizer, skip: Union[bool, torch.Tensor]) -> None:
-    """`optimizer.step()` unless `skip`: a device flag goes to the fused kernel as `found_inf`; a host bool, or a flag
-    for an optimizer that is not (or no longer) fused, is decided on the host."""
+def _run_unless(optimizer: torch.optim.Optimizer, skip: Union[bool, torch.Tensor], run: Callable[[], object]):
+    """`run()` (the optimizer's step) unless `skip`: a device flag goes to the fused kernel as `found_inf`; a host
+    bool, or a flag for an optimizer that is not (or no longer) fused, is decided on the host."""
     if torch.is_tensor(skip) and supports_device_skip(optimizer):
         optimizer.found_inf = skip
         try:
-            optimizer.step()
+            return run()
         finally:
             del optimizer.found_inf
-    elif not bool(skip):
-        optimizer.step()
+    return None if bool(skip) else run()
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: Union[bool, torch.Tensor]) -> None:
+    """`optimizer.step()` unless `skip` (see `_run_unless`)."""
+    _run_unless(optimizer, skip, optimizer.step)
 
 
 def guard_step(optimizer: torch.optim.Optimizer, decide: Callable[[torch.optim.Optimizer], Union[bool, torch.Tensor]]) -> None:
@@ -54,13 +58,6 @@ def guard_step(optimizer: torch.optim.Optimizer, decide: Callable[[torch.optim.O
     inner_step = optimizer.step
 
     def step(self, *args, **kwargs):
-        skip = decide(self)
-        if torch.is_tensor(skip) and supports_device_skip(self):
-            self.found_inf = skip
-            try:
-                return inner_step(*args, **kwargs)
-            finally:
-                del self.found_inf
-        return None if bool(skip) else inner_step(*args, **kwargs)
+        return _run_unless(self, decide(self), lambda: inner_step(*args, **kwargs))
 
     optimizer.step = types.MethodType(step, optimizer)

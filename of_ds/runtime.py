@@ -46,14 +46,6 @@ class Runtime:
         if self.heartbeat_fn is not None:
             self.heartbeat_fn(step)
 
-    def all_reduce_max(self, value: float) -> float:
-        """The max of a float over ranks (collective decisions on the host, e.g. stop)."""
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
     def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
         """A 0-dim bool flag, true where it is true on any rank. Stays on the flag's device: with NCCL the host does
         not wait for it (gloo reduces a CPU copy)."""

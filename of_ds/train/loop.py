@@ -55,7 +55,8 @@ class SkipCounter:
         """Count the pending flags into `state.skipped_steps`; raise after MAX_CONSECUTIVE_SKIPS in a row."""
         if not self.pending:
             return
-        flags = [bool(f) for f in (torch.stack([torch.as_tensor(f).reshape(()).cpu() for f in self.pending]).tolist())]
+        device = next((f.device for f in self.pending if torch.is_tensor(f)), torch.device("cpu"))
+        flags = torch.stack([torch.as_tensor(f, device=device).reshape(()).bool() for f in self.pending]).tolist()  # one sync
         self.pending = []
         for f in flags:
             self.state.skipped_steps += int(f)

@@ -159,6 +159,12 @@ class EngineSpec(_Section):
         "vocab entry and most of the logit gradients' transient (the 9B recipe at 6x batch: about 15 GB) for one "
         "more LM-head matmul; worth it at large batches.",
     )
+    fuse_datasets: bool = Field(
+        False,
+        description="One model pass for every dataset's micro-batch: short rows (LAION) packed end to end into rows "
+        "of the longest length (MMC4), attention kept within each original row; per-dataset losses and gradients as "
+        "with separate passes. Fewer, larger kernels (of_ds/model/packing.py).",
+    )
     deepspeed_config: Optional[str] = Field(None, description="A ds_configs/*.json file; `auto` values are filled from the spec.")
     fsdp_sharding: Literal["full", "hybrid"] = "full"
     compile: bool = Field(False, description="torch.compile the parts named in compile_targets.")

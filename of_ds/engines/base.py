@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Protocol, Union
+from typing import Callable, Mapping, Optional, Protocol, Union
 
 import torch
 from torch import nn
+
+from ..model.packing import PackedBatch, describe_packing, pack_datasets
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -71,15 +73,39 @@ def move_batch(batch: Batch, device: torch.device, float_dtype: Optional[torch.d
     return out
 
 
-def weighted_losses(model: nn.Module, batches: Mapping[str, Batch], weights: Mapping[str, float], device, float_dtype=None) -> dict[str, torch.Tensor]:
-    """Forward every dataset's micro-batch; `loss` = sum of weight x dataset loss (one graph, one backward)."""
-    losses: dict[str, torch.Tensor] = {}
+def weighted_losses(
+    model: nn.Module, batches: Mapping[str, Batch], weights: Mapping[str, float], device, float_dtype=None, *,
+    fuse: bool = False, on_pack: Optional[Callable[[PackedBatch], None]] = None,
+) -> dict[str, torch.Tensor]:
+    """Forward every dataset's micro-batch; `loss` = sum of weight x dataset loss (one graph, one backward). With
+    `fuse` (engine.fuse_datasets), all datasets go through the model as one packed batch, shown to `on_pack`."""
+    moved = {name: move_batch(batch, device, float_dtype) for name, batch in batches.items()}
+    if fuse and len(moved) > 1:
+        flamingo = getattr(model, "module", model)  # DeepSpeed and DDP wrap it
+        packed = pack_datasets(moved, flamingo.media_token_id, flamingo.pad_token_id)
+        if on_pack is not None:
+            on_pack(packed)
+        losses = dict(model(packed.images, packed.input_ids, packed.attention_mask, labels=packed.labels, layout=packed.layout).group_losses)
+    else:
+        losses = {
+            name: model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"], num_images=b.get("num_images")).loss
+            for name, b in moved.items()
+        }
     total = None
-    for name, batch in batches.items():
-        b = move_batch(batch, device, float_dtype)
-        loss = model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"], num_images=b.get("num_images")).loss
-        losses[name] = loss
+    for name, loss in losses.items():
         term = loss * float(weights.get(name, 1.0))
         total = term if total is None else total + term
     losses["loss"] = total
     return losses
+
+
+class PackingReport:
+    """`on_pack` for the engines: prints the first packed layout once, on rank 0."""
+
+    def __init__(self, rank: int) -> None:
+        self.pending = rank == 0
+
+    def __call__(self, packed: PackedBatch) -> None:
+        if self.pending:
+            self.pending = False
+            print(f"[of_ds] engine.fuse_datasets: {describe_packing(packed)}", flush=True)

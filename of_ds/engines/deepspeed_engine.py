@@ -10,7 +10,7 @@ import torch
 from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, StepStats, weighted_losses
+from .base import Batch, PackingReport, StepStats, weighted_losses
 from .deepspeed_config import zero_stage
 from .deepspeed_patches import drop_redundant_overflow_scan, install_foreach_grad_norm, install_sync_free_clip, sync_free_ds_config
 from .device_skip import found_inf, guard_step, supports_device_skip
@@ -58,6 +58,8 @@ class DeepSpeedEngine:
         self.grad_accum_steps = self.engine.gradient_accumulation_steps()
         self.input_dtype = _INPUT_DTYPE.get(spec.engine.precision)
         self.device = runtime.device
+        self.fuse_datasets = spec.engine.fuse_datasets
+        self._pack_report = PackingReport(runtime.rank)
         self.can_reshape = self.zero_stage == 0  # ZeRO partitions are tied to the world size they were saved with
 
     @property
@@ -65,7 +67,7 @@ class DeepSpeedEngine:
         return float(self.engine.get_lr()[0])
 
     def forward(self, batches: Mapping[str, Batch], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        return weighted_losses(self.engine, batches, weights, self.device, self.input_dtype)
+        return weighted_losses(self.engine, batches, weights, self.device, self.input_dtype, fuse=self.fuse_datasets, on_pack=self._pack_report)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -19,7 +19,7 @@ from torch import nn
 from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, StepStats, weighted_losses
+from .base import Batch, PackingReport, StepStats, weighted_losses
 from .device_skip import found_inf, step_unless, supports_device_skip
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
@@ -78,6 +78,8 @@ class TorchEngine:
         self.kind, self.precision, self.device = eng.kind, eng.precision, runtime.device
         self.grad_accum_steps = spec.optim.grad_accum_steps
         self.grad_clip = spec.optim.grad_clip
+        self.fuse_datasets = eng.fuse_datasets
+        self._pack_report = PackingReport(runtime.rank)
         self.can_reshape = True
         model.set_activation_checkpointing(eng.activation_checkpointing)
         model.set_loss_chunking(eng.loss_chunk_tokens)
@@ -115,7 +117,7 @@ class TorchEngine:
         self._set_grad_sync(self._micro == self.grad_accum_steps - 1)  # reduce once, on the last micro-step
         ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx:
-            return weighted_losses(self.wrapped, batches, weights, self.device)
+            return weighted_losses(self.wrapped, batches, weights, self.device, fuse=self.fuse_datasets, on_pack=self._pack_report)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.grad_accum_steps

@@ -46,13 +46,31 @@ def build_media_context(
     time_offset: Optional[torch.Tensor] = None,
 ) -> MediaContext:
     """Pair tokens with images: the k-th `<image>` of a row (counting `time_offset` earlier ones) uses `latents[row, k-1]`."""
-    b, t_img, n = latents.shape[:3]
+    text_time, has_media = token_media_times(input_ids, media_token_id, latents.shape[1], num_images, time_offset)
+    return media_context(latents, text_time, has_media)
+
+
+def token_media_times(
+    input_ids: torch.Tensor,
+    media_token_id: int,
+    slots: int,
+    num_images: Optional[torch.Tensor] = None,
+    time_offset: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: its text time [B, L] and whether that image is real [B, L] (at most `num_images`, or `slots`, per row)."""
     text_time = compute_text_time(input_ids, media_token_id, time_offset)
-    limit = torch.full((b,), t_img, device=input_ids.device) if num_images is None else num_images.to(input_ids.device).clamp(max=t_img)
-    has_media = (text_time >= 1) & (text_time <= limit[:, None])
+    b = input_ids.shape[0]
+    limit = torch.full((b,), slots, device=input_ids.device) if num_images is None else num_images.to(input_ids.device).clamp(max=slots)
+    return text_time, (text_time >= 1) & (text_time <= limit[:, None])
+
+
+def media_context(latents: torch.Tensor, text_time: torch.Tensor, has_media: torch.Tensor) -> MediaContext:
+    """The context from per-token image slots: `text_time` [B, L] (1-based slot in `latents` [B, T, n, D]; 0 none)
+    and `has_media` [B, L]."""
+    t_img, n = latents.shape[1:3]
     attn_mask = None
     if t_img > 1:
-        key_time = torch.arange(1, t_img + 1, device=input_ids.device).repeat_interleave(n)
+        key_time = torch.arange(1, t_img + 1, device=text_time.device).repeat_interleave(n)
         # rows without media may attend anywhere (their output is zeroed), which keeps softmax free of all-masked rows
         attn_mask = ((text_time[:, :, None] == key_time) | ~has_media[:, :, None]).unsqueeze(1)
     return MediaContext(latents=latents, attn_mask=attn_mask, has_media=has_media.unsqueeze(-1), text_time=text_time)

@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..spec import CrossAttnSpec, PerceiverSpec
-from .cross_attention import FlamingoLayer, GatedCrossAttentionBlock, MediaContext, MediaSlot, build_media_context, should_add_cross_attention
+from .cross_attention import FlamingoLayer, GatedCrossAttentionBlock, MediaContext, MediaSlot, build_media_context, media_context, should_add_cross_attention
 from .embeddings import NewTokenEmbeddings
 from .language import forward_arg_names, get_by_path, hidden_size, set_by_path
+from .packing import PackedLayout
 from .perceiver import PerceiverResampler
 from .vision import encode_patch_tokens
 
@@ -24,6 +25,7 @@ IGNORE_INDEX = -100
 class FlamingoOutput:
     loss: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]  # None when the loss was computed in chunks (`set_loss_chunking`)
+    group_losses: Optional[dict[str, torch.Tensor]] = None  # packed batches: the loss of each dataset's rows
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,21 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, target: torch.Tensor, logits_fn) -> torch.Tensor:
-    return F.cross_entropy(logits_fn(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+def _chunk_loss(hidden: torch.Tensor, target: torch.Tensor, logits_fn, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(logits_fn(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def position_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] fp32 next-token cross-entropy per position, 0 where the target is -100."""
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.view(labels.shape)
+
+
+def group_means(per_position: torch.Tensor, labels: torch.Tensor, groups) -> dict[str, torch.Tensor]:
+    """Each (name, first row, end row) group's mean over its targets (0 when it has none), as `causal_lm_loss`."""
+    counted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+    return {name: per_position[r0:r1].sum() / counted[r0:r1].sum().clamp(min=1) for name, r0, r1 in groups}
 
 
 class ChunkedLMLoss(nn.Module):
@@ -58,12 +73,19 @@ class ChunkedLMLoss(nn.Module):
         super().__init__()
         self.chunk_tokens = 0
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, logits_fn) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, logits_fn, per_position: bool = False) -> torch.Tensor:
+        """The mean loss, or with `per_position` each position's [B, L] (0 where not a target)."""
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-        total = None
-        for h, t in zip(hidden.reshape(-1, hidden.shape[-1]).split(self.chunk_tokens), target.split(self.chunk_tokens)):
-            part = checkpoint(_chunk_loss_sum, h, t, logits_fn, use_reentrant=False)
-            total = part if total is None else total + part
+        reduction = "none" if per_position else "sum"
+        parts = [
+            checkpoint(_chunk_loss, h, t, logits_fn, reduction, use_reentrant=False)
+            for h, t in zip(hidden.reshape(-1, hidden.shape[-1]).split(self.chunk_tokens), target.split(self.chunk_tokens))
+        ]
+        if per_position:
+            return torch.cat(parts).view(labels.shape)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
         return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -77,6 +99,17 @@ def check_batch(pixel_values, input_ids, attention_mask, labels, num_images) -> 
             raise ValueError(f"{name}: expected shape {(b, length)} like input_ids, got {tuple(t.shape)}")
     if num_images is not None and tuple(num_images.shape) != (b,):
         raise ValueError(f"num_images: expected shape ({b},), got {tuple(num_images.shape)}")
+
+
+def segment_causal_mask(config, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor):
+    """The LM's own 4D causal mask (its attention kernel's convention, via transformers' `create_causal_mask`) with
+    attention kept inside each segment; the LM takes a 4D mask as it is."""
+    from transformers.masking_utils import create_causal_mask
+
+    def same_segment(batch_idx, head_idx, q_idx, kv_idx):
+        return segment_ids[batch_idx, q_idx] == segment_ids[batch_idx, kv_idx]
+
+    return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, and_mask_function=same_segment)
 
 
 class Flamingo(nn.Module):
@@ -210,19 +243,26 @@ class Flamingo(nn.Module):
             return self._resample(images).unflatten(0, (b, t))
         real = (torch.arange(t, device=num_images.device) < num_images[:, None]).flatten().nonzero().squeeze(1)
         real = real.to(pixel_values.device, non_blocking=True)
+        return self.encode_into_slots(images.index_select(0, real), real, b * t).unflatten(0, (b, t))
+
+    def encode_into_slots(self, images: torch.Tensor, slots: torch.Tensor, total_slots: int) -> torch.Tensor:
+        """Images [N, 3, H, W] -> latents [total_slots, n, D]: image i's at `slots[i]`, zeros elsewhere."""
         # shapes from ints: under ZeRO-3 a parameter read outside its own module's forward is an empty partition
-        latents = pixel_values.new_zeros(b * t, self.perceiver.num_latents, self.vis_dim, dtype=self.perceiver.latents.dtype)
-        if real.numel():
-            latents = latents.index_copy(0, real, self._resample(images.index_select(0, real)).to(latents.dtype))
-        return latents.unflatten(0, (b, t))
+        latents = images.new_zeros(total_slots, self.perceiver.num_latents, self.vis_dim, dtype=self.perceiver.latents.dtype)
+        if images.shape[0]:
+            latents = latents.index_copy(0, slots, self._resample(images).to(latents.dtype))
+        return latents
 
     def _resample(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, n, D]: frozen tower (no autograd), then the perceiver."""
         return self.perceiver(encode_patch_tokens(self.vision_encoder, images).to(self.perceiver.latents.dtype))
 
-    def run_lm(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], media: MediaContext, *, cache=None, position_ids=None, use_cache: bool = False):
-        """Run the LM body with `media` set for its FlamingoLayers; returns (last hidden state, cache)."""
+    def run_lm(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], media: MediaContext, *, cache=None, position_ids=None, use_cache: bool = False, segment_ids: Optional[torch.Tensor] = None):
+        """Run the LM body with `media` set for its FlamingoLayers; returns (last hidden state, cache). With
+        `segment_ids` [B, L] attention stays within each segment (packed rows)."""
         embeds = self.new_tokens.embed(input_ids, self.lang_encoder.get_input_embeddings())
+        if segment_ids is not None:
+            attention_mask = segment_causal_mask(self.lang_encoder.config, embeds, attention_mask, segment_ids)
         kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=use_cache)
         if cache is not None:
             kwargs["cache" if "cache" in self._lm_args else "past_key_values"] = cache
@@ -247,7 +287,12 @@ class Flamingo(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         num_images: Optional[torch.Tensor] = None,
+        layout: Optional[PackedLayout] = None,
     ) -> FlamingoOutput:
+        """With `layout` (a batch from `packing.pack_datasets`): `pixel_values` are its images [N, 3, H, W] and the
+        output has each dataset's loss in `group_losses` (`loss` is None)."""
+        if layout is not None:
+            return self._forward_packed(pixel_values, input_ids, attention_mask, labels, layout)
         check_batch(pixel_values, input_ids, attention_mask, labels, num_images)
         latents = self.encode_images(pixel_values, num_images)
         media = build_media_context(latents, input_ids, self.media_token_id, num_images)
@@ -256,6 +301,29 @@ class Flamingo(nn.Module):
             return FlamingoOutput(loss=self.chunked_loss(hidden, labels, self.compute_logits), logits=None)
         logits = self.compute_logits(hidden)
         return FlamingoOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
+
+    def _forward_packed(self, images, input_ids, attention_mask, labels, layout: PackedLayout) -> FlamingoOutput:
+        b, length = input_ids.shape
+        if labels is None or images.ndim != 4 or layout.text_time.shape != (b, length):
+            raise ValueError(
+                f"a packed batch needs images [N, 3, H, W], labels and a layout of input_ids' shape {(b, length)}; got "
+                f"images {tuple(images.shape)}, labels {None if labels is None else tuple(labels.shape)}, layout {tuple(layout.text_time.shape)}"
+            )
+        if "position_ids" not in self._lm_args and getattr(self.lang_encoder.config, "model_type", None) != "mpt":
+            raise ValueError(
+                f"engine.fuse_datasets: {type(self.lang_encoder).__name__} takes no position_ids, so packed rows would "
+                f"shift its positions; set engine.fuse_datasets: false for this LM"
+            )
+        slots = layout.slots_per_row
+        latents = self.encode_into_slots(images, layout.image_slots, b * slots).unflatten(0, (b, slots))
+        media = media_context(latents, layout.text_time, layout.has_media)
+        hidden, _ = self.run_lm(input_ids, attention_mask, media, position_ids=layout.position_ids, segment_ids=layout.segment_ids)
+        if 0 < self.chunked_loss.chunk_tokens < b * length:
+            logits, per_position = None, self.chunked_loss(hidden, labels, self.compute_logits, per_position=True)
+        else:
+            logits = self.compute_logits(hidden)
+            per_position = position_losses(logits, labels)
+        return FlamingoOutput(loss=None, logits=logits, group_losses=group_means(per_position, labels, layout.groups))
 
     @torch.no_grad()
     def generate(

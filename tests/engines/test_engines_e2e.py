@@ -66,6 +66,21 @@ def test_fsdp_matches_ddp(workdir, ddp):
     assert_same_trajectory(losses(workdir, "fsdp"), ddp)
 
 
+@pytest.mark.parametrize("how,config,sets", [
+    ("deepspeed", "zero2.json", []),
+    ("deepspeed", "zero3.json", ["engine.zero_stage=3"]),
+    ("torchrun", None, ["engine.kind=ddp"]),
+])
+def test_one_pass_for_both_datasets_matches_separate_passes(workdir, ddp, how, config, sets):
+    """engine.fuse_datasets: LAION rows packed into MMC4-length rows, one model pass; same losses per dataset."""
+    name = f"fused_{(config or 'ddp').removesuffix('.json')}"
+    proc = launch(workdir, how, name, [*sets, "engine.fuse_datasets=true"], ds_config=config)
+    assert_same_trajectory(losses(workdir, name), ddp)
+    # the 4 LAION rows of 32 tokens share one 128-token row (4 image slots), then the 2 MMC4 rows (3 slots used)
+    line = "engine.fuse_datasets: one pass of 3 rows x 128 tokens, 4 image slots a row: laion rows 0-0 (4 a row), mmc4 rows 1-2 (1 a row)"
+    assert proc.stdout.count(line) == 1, proc.stdout[-3000:]
+
+
 @pytest.fixture(scope="module")
 def zero3(workdir):
     launch(workdir, "deepspeed", "zero3", ["engine.zero_stage=3"], ds_config="zero3.json")

@@ -89,7 +89,7 @@ def random_batches(spec: RunSpec, model, image_size: int, generator: torch.Gener
 
 
 def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None, breakdown: bool = False,
-              trace: str | None = None, cprofile: str | None = None) -> dict:
+              trace: str | None = None, cprofile: str | None = None, op_counts: bool = False) -> dict:
     """Time `steps` training steps after `warmup`; `breakdown` adds seconds per model part (one extra step),
     `trace` writes a torch.profiler operator table of one more step to that file, `cprofile` a host profile."""
     from ..model import build_flamingo, count_parameters
@@ -144,6 +144,7 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
     back_to_back = time_back_to_back(train_step, steps, runtime.device, sync)
     step_time = sorted(back_to_back)[len(back_to_back) // 2]  # as a training loop runs: no sync between steps
     syncs = count_host_syncs(train_step) if runtime.device.type == "cuda" else None
+    ops = count_ops(train_step, runtime.device, sync) if op_counts else {}
     parts = None
     if breakdown:
         if spec.engine.activation_checkpointing:
@@ -170,7 +171,8 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
         "params_total": counts["total"], "params_trainable": counts["trainable"],
         "step_time_s": round(step_time, 4), "samples_per_s": round(samples / step_time, 2),
         "step_time_synced_s": round(synced_time, 4), "samples_per_s_synced": round(samples / synced_time, 2),
-        **({"host_syncs_per_step": syncs} if syncs is not None else {}),
+        **({"host_syncs_per_step": syncs} if syncs is not None else {}), **ops,
+        "fuse_datasets": spec.engine.fuse_datasets,
         "tflop_per_step": round(flops / 1e12, 3), "tflops": round(tflops, 2),
         "peak_tflops": peak, "mfu": round(tflops / peak, 4) if peak else None,
         "peak_mem_gib": round(mem, 2) if mem is not None else None, "steps": steps, "warmup": warmup,
@@ -228,6 +230,35 @@ def count_host_syncs(train_step) -> dict:
     return {"count": sum(sites.values()), "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:10])}
 
 
+def count_ops(train_step, device: torch.device, sync) -> dict:
+    """What one step asks of the device: aten operators dispatched from this thread (on a GPU the backward runs on
+    autograd's device thread, so forward and optimizer only) and, on a GPU, kernels run (torch.profiler). Each
+    costs the host a launch whatever its size, so with small work per kernel the host, not the device, sets the pace."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    sync()
+    with Counter():
+        train_step()
+    sync()
+    out = {"ops_per_step": Counter.ops}
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            train_step()
+            sync()
+        out["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return out
+
+
 def write_host_profile(train_step, sync, path: str, rows: int = 60) -> None:
     """cProfile one step (host side: where Python spends the step, waits on the device included) into `path`."""
     import cProfile
@@ -270,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown", action="store_true", help="add seconds per model part of one step (see engines/step_profile.py)")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a torch.profiler operator table of one step to FILE")
     p.add_argument("--cprofile", default=None, metavar="FILE", help="write a cProfile (host side) of one step to FILE")
+    p.add_argument("--count-ops", action="store_true", help="add operators dispatched and kernels run per step (one more step)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         spec = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp))
-        result = run_bench(spec, args.steps, args.warmup, args.peak_tflops, args.breakdown, args.trace, args.cprofile)
+        result = run_bench(spec, args.steps, args.warmup, args.peak_tflops, args.breakdown, args.trace, args.cprofile, args.count_ops)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)
     return 0

@@ -101,15 +101,20 @@ def check_batch(pixel_values, input_ids, attention_mask, labels, num_images) -> 
         raise ValueError(f"num_images: expected shape ({b},), got {tuple(num_images.shape)}")
 
 
-def segment_causal_mask(config, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor):
-    """The LM's own 4D causal mask (its attention kernel's convention, via transformers' `create_causal_mask`) with
-    attention kept inside each segment; the LM takes a 4D mask as it is."""
+def segment_causal_mask(config, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor) -> torch.Tensor:
+    """The LM's own 4D causal + padding mask (transformers' `create_causal_mask`, in its attention kernel's
+    convention: bool True=attend, or additive float) with attention kept inside each segment; an LM takes a 4D mask
+    as it is."""
     from transformers.masking_utils import create_causal_mask
 
-    def same_segment(batch_idx, head_idx, q_idx, kv_idx):
-        return segment_ids[batch_idx, q_idx] == segment_ids[batch_idx, kv_idx]
-
-    return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, and_mask_function=same_segment)
+    base = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, allow_is_causal_skip=False)
+    if not isinstance(base, torch.Tensor) or base.ndim != 4:
+        raise ValueError(
+            f"engine.fuse_datasets: the LM's attention ({config._attn_implementation}) does not take a 4D mask; use "
+            f"model.lm.attention sdpa or eager, or set engine.fuse_datasets: false"
+        )
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)  # [B, 1, L, L]
+    return base & same if base.dtype == torch.bool else base.masked_fill(~same, torch.finfo(base.dtype).min)
 
 
 class Flamingo(nn.Module):

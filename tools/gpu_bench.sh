@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Step-speed measurements of the recipes on one GPU (issue 7), each variant its own `tools/bench_step` process.
 #   tools/gpu_bench.sh OUTDIR [VARIANT ...]      (default: every variant below, in order)
-# Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2
-# OUTDIR/ops_3b_z2.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt (cProfile). A failed variant writes {"name", "failed": true}.
+# Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2 and
+# 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt (cProfile). A failed variant writes {"name", "failed": true}.
 # On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step. 3b_loop (launch/train.py at the 3B sizes on
 # the demo shards, 40 steps: data wait and the loop's own overhead) needs demo_data/{laion,mmc4,tokenizer} carried.
 set -uo pipefail
@@ -54,7 +54,9 @@ loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo
 
 run_variant() {
   case $1 in
-    3b_z2) bench 3b_z2 120 $S3 "${STEPS[@]}" --breakdown --trace "$out/ops_3b_z2.txt" ;;
+    3b_z2) bench 3b_z2 120 $S3 "${STEPS[@]}" --count-ops --breakdown --trace "$out/ops_3b_z2.txt" ;;
+    3b_z2_fused) bench 3b_z2_fused 120 $S3 "${STEPS[@]}" --count-ops --set engine.fuse_datasets=true --trace "$out/ops_3b_z2_fused.txt" ;;
+    3b_z2_fused_compile) bench 3b_z2_fused_compile 180 $S3 "${STEPS[@]}" --set engine.fuse_datasets=true "${COMPILE[@]}" ;;
     3b_z2_compile) bench 3b_z2_compile 180 $S3 "${STEPS[@]}" "${COMPILE[@]}" \
       || bench 3b_z2_compile_xattn 150 $S3 "${STEPS[@]}" --set engine.compile=true --set "engine.compile_targets=[cross_attn, perceiver]" ;;
     3b_z2_host) bench 3b_z2_host 100 $S3 "${STEPS[@]}" --cprofile "$out/host_3b_z2.txt" ;;
@@ -63,6 +65,7 @@ run_variant() {
     3b_ddp) bench 3b_ddp 100 $S3 "${STEPS[@]}" --set engine.kind=ddp ;;
     3b_ddp_amp) bench 3b_ddp_amp 100 $S3 "${STEPS[@]}" --set engine.kind=ddp --set engine.precision=amp_bf16 ;;
     9b_z2) bench 9b_z2 150 $S9 --steps 4 --warmup 2 ;;
+    9b_z2_fused) bench 9b_z2_fused 150 $S9 --steps 4 --warmup 2 --set engine.fuse_datasets=true ;;
     9b_z3_ac) # the largest batch that fits, the loss in 4096-position chunks: the memory plan (11% high at 6x)
       # puts 11x at 137 GiB (8x without chunks); try 12x, 10x, 8x
       for k in 12 10 8; do

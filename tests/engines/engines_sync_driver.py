@@ -3,8 +3,8 @@ would make the host wait for the device on a GPU (`item`, `bool`, `float`, `int`
 `numpy` on a tensor) during step 3, a step that neither logs nor saves. Writes OUT/{KIND}-rank{R}.json: the
 calling sites, `file:function`, with counts.
 
-KIND is ENGINE:PRECISION[:LM], e.g. deepspeed:bf16 (ZeRO-2) or ddp:bf16:mpt (the recipes' LM family; default:
-the stand-in's tiny llama). On a CPU every tensor is a host tensor, so the sites that
+KIND is ENGINE:PRECISION[:mpt][:fused], e.g. deepspeed:bf16 (ZeRO-2) or ddp:bf16:mpt (the recipes' LM family;
+default: the stand-in's tiny llama); `fused` sets engine.fuse_datasets. On a CPU every tensor is a host tensor, so the sites that
 read the loader's host tensors on purpose (`num_images`, the attention-mask token count) are reported too; the test
 names them."""
 
@@ -49,9 +49,9 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     from of_ds.train.metrics import Metrics
     from of_ds.train.session import seed_everything
 
-    engine_kind, precision, *lm = kind.split(":")
-    d = tiny_spec_dict(tok_dir, out, engine={"kind": engine_kind, "precision": precision, "zero_stage": 2})
-    if lm == ["mpt"]:
+    engine_kind, precision, *flags = kind.split(":")
+    d = tiny_spec_dict(tok_dir, out, engine={"kind": engine_kind, "precision": precision, "zero_stage": 2, "fuse_datasets": "fused" in flags})
+    if "mpt" in flags:
         d["model"]["lm"]["config"] = {"model_type": "mpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64, "expansion_ratio": 2}
     d["logging"]["every_n_steps"] = 10
     d["checkpoint"]["every_n_steps"] = 100

@@ -94,12 +94,16 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     and image the concat(media, latents) and its keys/values, 2·(v+n)·D, and a block's 17·n·D for the latents.
     Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
     checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward. With
-    `engine.loss_chunk_tokens` the loss keeps nothing and its transient is one chunk's (10 bytes per logit).
+    `engine.loss_chunk_tokens` the loss keeps nothing and its transient is one chunk's (10 bytes per logit). With
+    `engine.fuse_datasets` the transients are those of one pass over every dataset's rows.
     Calibrated on an H200 (docs/performance.md): 3B ZeRO-2, 9B ZeRO-2, 9B ZeRO-3 + checkpointing at 6x batch.
     """
     a = 4 if precision == "fp32" else 2
     per = a / 2  # byte figures below are for 16-bit
-    total, transient = 0.0, 0.0
+    # with engine.fuse_datasets one pass carries every dataset's rows: its transients add up instead of taking turns
+    fused = spec.engine.fuse_datasets and len(spec.data.datasets) > 1
+    total = 0.0
+    layer_t, logit_tokens, vision_t = [], [], []
     for d in spec.data.datasets:
         b, L = d.batch_size, d.effective_max_tokens()
         t = 1 if d.kind == "laion" else d.max_images
@@ -108,19 +112,23 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
         xattn = 34 * per * sbh + 2 * a * b * dims.xattn_heads * L * t * dims.latents
         if checkpointing:
             lm = dims.lm_layers * a * sbh  # each FlamingoLayer's input
-            transient = max(transient, frozen_layer + xattn)
+            layer_t.append(frozen_layer + xattn)
         else:
             lm = dims.lm_layers * frozen_layer + dims.xattn_blocks * xattn
-        logits = b * L * dims.vocab
-        chunk = spec.engine.loss_chunk_tokens
-        chunked = 0 < chunk < b * L  # as Flamingo.forward decides
-        saved_logits = 0 if chunked else 4 * logits
-        logit_transient = 10 * chunk * dims.vocab if chunked else 6 * logits  # one chunk recomputed, or the gradients
+        logit_tokens.append(b * L)
         images = b * t
         perceiver = dims.perceiver_depth * a * images * dims.vis_dim * (2 * (dims.vis_tokens + dims.latents) + 17 * dims.latents)
-        total += lm + saved_logits + perceiver
-        transient = max(transient, logit_transient, 8 * a * images * dims.vis_tokens * dims.vis_dim)
-    return total + transient
+        total += lm + perceiver
+        vision_t.append(8 * a * images * dims.vis_tokens * dims.vis_dim)
+    combine = sum if fused else max
+    chunk = spec.engine.loss_chunk_tokens
+    passes = [sum(logit_tokens)] if fused else logit_tokens
+    for tokens in passes:
+        chunked = 0 < chunk < tokens  # as Flamingo.forward decides
+        total += 0 if chunked else 4 * tokens * dims.vocab  # the fp32 log-softmax kept for backward
+    # the loss's transient: one chunk recomputed, or the logit gradients of a pass
+    logit_t = max(10 * chunk * dims.vocab if 0 < chunk < tokens else 6 * tokens * dims.vocab for tokens in passes)
+    return total + max(combine(layer_t) if layer_t else 0.0, logit_t, combine(vision_t))
 
 
 def estimate(dims: ModelDims, spec, world_size: int, zero_stage: int, offload_optimizer: str = "none",

@@ -85,3 +85,19 @@ def test_chunked_loss_saves_the_logits(tmp_path):
     mmc4 = 32 * 256  # LAION's 64 x 32 positions fit one chunk: computed at once, as before
     saved = (4 * mmc4 + 6 * mmc4 - 10 * 4096) * DIMS.vocab  # MMC4's kept log-softmax and logit gradients, less a chunk
     assert (whole.activations_gib - part.activations_gib) * GiB == pytest.approx(saved, rel=1e-6)
+
+
+def test_one_pass_for_both_datasets_adds_up_the_transients(tmp_path):
+    """engine.fuse_datasets: the same tensors are kept, but one pass's logit gradients cover both datasets' rows."""
+    s = recipe_spec(tmp_path)
+    d = s.to_dict()
+    d["engine"]["fuse_datasets"] = True
+    separate, fused = estimate(DIMS, s, 1, 2), estimate(DIMS, RunSpec.from_dict(d), 1, 2)
+    laion = 64 * 32  # the largest transient was MMC4's logit gradients; now LAION's positions are in the same pass
+    assert (fused.activations_gib - separate.activations_gib) * GiB == pytest.approx(6 * laion * DIMS.vocab, rel=1e-6)
+    d["engine"]["loss_chunk_tokens"] = 4096  # in chunks the transient is one chunk's, whatever the pass
+    chunked_fused = estimate(DIMS, RunSpec.from_dict(d), 1, 2)
+    d["engine"]["fuse_datasets"] = False
+    chunked_separate = estimate(DIMS, RunSpec.from_dict(d), 1, 2)
+    # separately, LAION's 2,048 positions were under a chunk and kept their log-softmax; in one pass they are chunked too
+    assert (chunked_separate.activations_gib - chunked_fused.activations_gib) * GiB == pytest.approx(4 * laion * DIMS.vocab, rel=1e-6)

@@ -88,7 +88,7 @@ def weighted_losses(
         losses = dict(model(packed.images, packed.input_ids, packed.attention_mask, labels=packed.labels, layout=packed.layout).group_losses)
     else:
         losses = {
-            name: model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"], num_images=b.get("num_images")).loss
+            name: model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"], num_images=_as_ints(b.get("num_images"))).loss
             for name, b in moved.items()
         }
     total = None
@@ -97,6 +97,20 @@ def weighted_losses(
         total = term if total is None else total + term
     losses["loss"] = total
     return losses
+
+
+def _as_ints(counts: Optional[torch.Tensor]) -> Optional[tuple[int, ...]]:
+    """The loader's host `num_images` as ints, which DDP and FSDP leave where they are (they move tensor arguments
+    to the GPU, where the model's read of them would wait for the device)."""
+    return None if counts is None else tuple(counts.tolist())
+
+
+def check_fusable(model: nn.Module, spec) -> None:
+    """engine.fuse_datasets on an LM that cannot take packed rows: a clear error before training starts."""
+    if spec.engine.fuse_datasets and len(spec.data.datasets) > 1:
+        problem = model.packing_problem(max(d.effective_max_tokens() for d in spec.data.datasets))
+        if problem:
+            raise ValueError(f"engine.fuse_datasets: {problem}; set engine.fuse_datasets: false for this LM")
 
 
 class PackingReport:

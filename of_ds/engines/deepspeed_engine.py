@@ -10,7 +10,7 @@ import torch
 from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, PackingReport, StepStats, weighted_losses
+from .base import Batch, PackingReport, StepStats, check_fusable, weighted_losses
 from .deepspeed_config import zero_stage
 from .deepspeed_patches import drop_redundant_overflow_scan, install_foreach_grad_norm, install_sync_free_clip, sync_free_ds_config
 from .device_skip import found_inf, guard_step, supports_device_skip
@@ -25,6 +25,7 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, spec: RunSpec, runtime: Runtime, ds_config: dict, total_steps: int):
         import deepspeed
 
+        check_fusable(model, spec)
         model.set_activation_checkpointing(spec.engine.activation_checkpointing)
         model.set_loss_chunking(spec.engine.loss_chunk_tokens)
         zero = ds_config.get("zero_optimization", {})

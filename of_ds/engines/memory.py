@@ -102,20 +102,20 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     per = a / 2  # byte figures below are for 16-bit
     # with engine.fuse_datasets one pass carries every dataset's rows: its transients add up instead of taking turns
     fused = spec.engine.fuse_datasets and len(spec.data.datasets) > 1
+    shapes = _pass_shapes(spec.data.datasets, fused)
     total = 0.0
     layer_t, logit_tokens, vision_t = [], [], []
-    for d in spec.data.datasets:
-        b, L = d.batch_size, d.effective_max_tokens()
-        t = 1 if d.kind == "laion" else d.max_images
-        sbh = b * L * dims.lm_dim
+    for d, (rows, L, slots) in zip(spec.data.datasets, shapes):
+        b, t = d.batch_size, 1 if d.kind == "laion" else d.max_images
+        sbh = rows * L * dims.lm_dim
         frozen_layer = 20 * per * sbh
-        xattn = 34 * per * sbh + 2 * a * b * dims.xattn_heads * L * t * dims.latents
+        xattn = 34 * per * sbh + 2 * a * rows * dims.xattn_heads * L * slots * dims.latents
         if checkpointing:
             lm = dims.lm_layers * a * sbh  # each FlamingoLayer's input
             layer_t.append(frozen_layer + xattn)
         else:
             lm = dims.lm_layers * frozen_layer + dims.xattn_blocks * xattn
-        logit_tokens.append(b * L)
+        logit_tokens.append(rows * L)
         images = b * t
         perceiver = dims.perceiver_depth * a * images * dims.vis_dim * (2 * (dims.vis_tokens + dims.latents) + 17 * dims.latents)
         total += lm + perceiver
@@ -129,6 +129,20 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     # the loss's transient: one chunk recomputed, or the logit gradients of a pass
     logit_t = max(10 * chunk * dims.vocab if 0 < chunk < tokens else 6 * tokens * dims.vocab for tokens in passes)
     return total + max(combine(layer_t) if layer_t else 0.0, logit_t, combine(vision_t))
+
+
+def _pass_shapes(datasets, fused: bool) -> list[tuple[int, int, int]]:
+    """(rows, tokens a row, image slots a row) each dataset's micro-batch takes in the model: its own, or its share
+    of the packed batch (`of_ds.model.packing`)."""
+    own = [(d.batch_size, d.effective_max_tokens(), 1 if d.kind == "laion" else d.max_images) for d in datasets]
+    if not fused:
+        return own
+    from ..model.packing import pack_factor
+
+    target = max(L for _, L, _ in own)
+    ks = [pack_factor(b, L, target) for b, L, _ in own]
+    slots = max(k * t for k, (_, _, t) in zip(ks, own))
+    return [(b // k, target, slots) for k, (b, _, _) in zip(ks, own)]
 
 
 def estimate(dims: ModelDims, spec, world_size: int, zero_stage: int, offload_optimizer: str = "none",

@@ -19,7 +19,7 @@ from torch import nn
 from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, PackingReport, StepStats, weighted_losses
+from .base import Batch, PackingReport, StepStats, check_fusable, weighted_losses
 from .device_skip import found_inf, step_unless, supports_device_skip
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
@@ -81,6 +81,7 @@ class TorchEngine:
         self.fuse_datasets = eng.fuse_datasets
         self._pack_report = PackingReport(runtime.rank)
         self.can_reshape = True
+        check_fusable(model, spec)
         model.set_activation_checkpointing(eng.activation_checkpointing)
         model.set_loss_chunking(eng.loss_chunk_tokens)
         model.to(runtime.device)

@@ -60,7 +60,8 @@ def token_media_times(
     """Per token: its text time [B, L] and whether that image is real [B, L] (at most `num_images`, or `slots`, per row)."""
     text_time = compute_text_time(input_ids, media_token_id, time_offset)
     b = input_ids.shape[0]
-    limit = torch.full((b,), slots, device=input_ids.device) if num_images is None else num_images.to(input_ids.device).clamp(max=slots)
+    # a host tensor (as the loaders yield it) is copied without waiting for the device
+    limit = torch.full((b,), slots, device=input_ids.device) if num_images is None else num_images.clamp(max=slots).to(input_ids.device, non_blocking=True)
     return text_time, (text_time >= 1) & (text_time <= limit[:, None])
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ def position_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def group_means(per_position: torch.Tensor, labels: torch.Tensor, groups) -> dict[str, torch.Tensor]:
     """Each (name, first row, end row) group's mean over its targets (0 when it has none), as `causal_lm_loss`."""
     counted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
-    return {name: per_position[r0:r1].sum() / counted[r0:r1].sum().clamp(min=1) for name, r0, r1 in groups}
+    return {name: per_position[r0:r1].sum() / counted[r0:r1].sum().clamp(min=1) for name, r0, r1, *_ in groups}
 
 
 class ChunkedLMLoss(nn.Module):
@@ -87,6 +87,13 @@ class ChunkedLMLoss(nn.Module):
         for part in parts[1:]:
             total = total + part
         return total / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def host_counts(num_images) -> Optional[torch.Tensor]:
+    """Per-row image counts as a host tensor (given as ints or a tensor)."""
+    if num_images is None or torch.is_tensor(num_images):
+        return num_images
+    return torch.tensor(num_images, dtype=torch.long)
 
 
 def check_batch(pixel_values, input_ids, attention_mask, labels, num_images) -> None:
@@ -291,13 +298,16 @@ class Flamingo(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-        num_images: Optional[torch.Tensor] = None,
+        num_images: Optional[Union[torch.Tensor, Sequence[int]]] = None,
         layout: Optional[PackedLayout] = None,
     ) -> FlamingoOutput:
-        """With `layout` (a batch from `packing.pack_datasets`): `pixel_values` are its images [N, 3, H, W] and the
-        output has each dataset's loss in `group_losses` (`loss` is None)."""
+        """`num_images`: real images per row, best on the host (a tensor or ints: DDP and FSDP move tensor arguments
+        to the GPU, and reading a device tensor's counts would wait for the device). With `layout` (a batch from
+        `packing.pack_datasets`): `pixel_values` are its images [N, 3, H, W] and the output has each dataset's loss
+        in `group_losses` (`loss` is None)."""
         if layout is not None:
             return self._forward_packed(pixel_values, input_ids, attention_mask, labels, layout)
+        num_images = host_counts(num_images)
         check_batch(pixel_values, input_ids, attention_mask, labels, num_images)
         latents = self.encode_images(pixel_values, num_images)
         media = build_media_context(latents, input_ids, self.media_token_id, num_images)
@@ -307,6 +317,17 @@ class Flamingo(nn.Module):
         logits = self.compute_logits(hidden)
         return FlamingoOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
 
+    def packing_problem(self, length: int) -> Optional[str]:
+        """Why this LM cannot run packed rows of `length` tokens (engine.fuse_datasets), or None."""
+        config, name = self.lang_encoder.config, type(self.lang_encoder).__name__
+        if "position_ids" not in self._lm_args and getattr(config, "model_type", None) != "mpt":  # MPT: ALiBi, relative
+            return f"{name} takes no position_ids, so packed rows would shift its positions"
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) is not False and window < length:
+            return (f"{name} attends through a sliding window of {window} tokens, shorter than the packed rows "
+                    f"({length}); the one 4D mask a packed pass gives every layer cannot carry it")
+        return None
+
     def _forward_packed(self, images, input_ids, attention_mask, labels, layout: PackedLayout) -> FlamingoOutput:
         b, length = input_ids.shape
         if labels is None or images.ndim != 4 or layout.text_time.shape != (b, length):
@@ -314,11 +335,9 @@ class Flamingo(nn.Module):
                 f"a packed batch needs images [N, 3, H, W], labels and a layout of input_ids' shape {(b, length)}; got "
                 f"images {tuple(images.shape)}, labels {None if labels is None else tuple(labels.shape)}, layout {tuple(layout.text_time.shape)}"
             )
-        if "position_ids" not in self._lm_args and getattr(self.lang_encoder.config, "model_type", None) != "mpt":
-            raise ValueError(
-                f"engine.fuse_datasets: {type(self.lang_encoder).__name__} takes no position_ids, so packed rows would "
-                f"shift its positions; set engine.fuse_datasets: false for this LM"
-            )
+        problem = self.packing_problem(length)
+        if problem:
+            raise ValueError(f"engine.fuse_datasets: {problem}; set engine.fuse_datasets: false for this LM")
         slots = layout.slots_per_row
         latents = self.encode_into_slots(images, layout.image_slots, b * slots).unflatten(0, (b, slots))
         media = media_context(latents, layout.text_time, layout.has_media)
@@ -348,6 +367,7 @@ class Flamingo(nn.Module):
         eos = self.eoc_token_id if eos_token_id is None else eos_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        num_images = host_counts(num_images)
         check_batch(pixel_values, input_ids, attention_mask, None, num_images)
         latents = self.encode_images(pixel_values, num_images)
         if num_beams == 1:

@@ -39,7 +39,7 @@ class PackedLayout:
     has_media: torch.Tensor  # [B, L] bool: that image is real
     segment_ids: torch.Tensor  # [B, L] long: a token attends only within its segment
     position_ids: torch.Tensor  # [B, L] long: position inside the segment
-    groups: tuple[tuple[str, int, int], ...]  # (dataset, first row, end row) of the packed batch
+    groups: tuple[tuple[str, int, int, int], ...]  # (dataset, first row, end row, its rows per packed row)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class PackedBatch:
 def pack_factor(rows: int, length: int, target: int) -> int:
     """How many rows of `length` tokens share one row of `target`: the largest divisor of `rows` that fits (so no
     packed row is left part empty)."""
+    if rows < 1:
+        raise ValueError("pack_factor: a micro-batch without rows")
     most = min(rows, max(1, target // length))
     return max(k for k in range(1, most + 1) if rows % k == 0)
 
@@ -61,7 +63,8 @@ def pack_factor(rows: int, length: int, target: int) -> int:
 def pack_datasets(batches: Mapping[str, Mapping[str, torch.Tensor]], media_token_id: int, pad_token_id: int) -> PackedBatch:
     """Lay out every dataset's micro-batch (`pixel_values` [B, T, 3, H, W], `input_ids`, `attention_mask`, `labels`,
     optional host `num_images` [B]) as one packed batch. Token tensors on the device, `num_images` on the host: no
-    device sync."""
+    device sync. Rows are right-padded, as the loaders make them (a left-padded row's padding would sit between the
+    segments and its positions would not restart at its first token)."""
     if not batches:
         raise ValueError("pack_datasets: no batches")
     parts = {name: _unpack_fields(name, b) for name, b in batches.items()}
@@ -81,7 +84,7 @@ def pack_datasets(batches: Mapping[str, Mapping[str, torch.Tensor]], media_token
         images.append(flat if src is None else flat.index_select(0, src.to(flat.device, non_blocking=True)))
         image_slots.append(dst)
         rows = p["input_ids"].shape[0] // k
-        groups.append((name, row0, row0 + rows))
+        groups.append((name, row0, row0 + rows, k))
         row0 += rows
     device = tokens["input_ids"][0].device
     cat = {key: torch.cat(values) for key, values in tokens.items()}
@@ -162,5 +165,5 @@ def describe_packing(packed: PackedBatch) -> str:
     """One line: which dataset's rows went where."""
     lay = packed.layout
     b, length = packed.input_ids.shape
-    parts = ", ".join(f"{name} rows {r0}-{r1 - 1} ({int(lay.segment_ids[r0].max()) + 1} a row)" for name, r0, r1 in lay.groups)
+    parts = ", ".join(f"{name} rows {r0}-{r1 - 1} ({k} a row)" for name, r0, r1, k in lay.groups)
     return f"one pass of {b} rows x {length} tokens, {lay.slots_per_row} image slots a row: {parts}"

@@ -241,7 +241,7 @@ def test_a_nan_gradient_is_skipped_on_every_path(tiny_tokenizer_dir, tmp_path):
 
 
 # reads of the loader's host tensors, made on purpose (no device involved on a GPU either)
-HOST_READS = {"flamingo.py:encode_images:nonzero", "metrics.py:observe:__int__"}
+HOST_READS = {"flamingo.py:encode_images:nonzero", "metrics.py:observe:__int__", "base.py:_as_ints:tolist"}
 FUSED_HOST_READS = {"packing.py:_image_slots:nonzero", "packing.py:_image_slots:__bool__", "packing.py:_image_slots:cpu", "metrics.py:observe:__int__"}
 
 

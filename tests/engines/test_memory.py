@@ -88,16 +88,18 @@ def test_chunked_loss_saves_the_logits(tmp_path):
 
 
 def test_one_pass_for_both_datasets_adds_up_the_transients(tmp_path):
-    """engine.fuse_datasets: the same tensors are kept, but one pass's logit gradients cover both datasets' rows."""
+    """engine.fuse_datasets: one pass's logit gradients cover both datasets' rows, and every row's cross-attention
+    scores 8 image slots (LAION's 8 packed rows) instead of 6 (MMC4) or 1 (LAION)."""
     s = recipe_spec(tmp_path)
     d = s.to_dict()
     d["engine"]["fuse_datasets"] = True
     separate, fused = estimate(DIMS, s, 1, 2), estimate(DIMS, RunSpec.from_dict(d), 1, 2)
     laion = 64 * 32  # the largest transient was MMC4's logit gradients; now LAION's positions are in the same pass
-    assert (fused.activations_gib - separate.activations_gib) * GiB == pytest.approx(6 * laion * DIMS.vocab, rel=1e-6)
+    keys = 2 * 2 * DIMS.xattn_heads * 256 * DIMS.latents * (32 * (8 - 6) + 8 * 8 - 64 * 32 / 256 * 1) * DIMS.xattn_blocks
+    assert (fused.activations_gib - separate.activations_gib) * GiB == pytest.approx(6 * laion * DIMS.vocab + keys, rel=1e-6)
     d["engine"]["loss_chunk_tokens"] = 4096  # in chunks the transient is one chunk's, whatever the pass
     chunked_fused = estimate(DIMS, RunSpec.from_dict(d), 1, 2)
     d["engine"]["fuse_datasets"] = False
     chunked_separate = estimate(DIMS, RunSpec.from_dict(d), 1, 2)
     # separately, LAION's 2,048 positions were under a chunk and kept their log-softmax; in one pass they are chunked too
-    assert (chunked_separate.activations_gib - chunked_fused.activations_gib) * GiB == pytest.approx(4 * laion * DIMS.vocab, rel=1e-6)
+    assert (chunked_separate.activations_gib - chunked_fused.activations_gib) * GiB == pytest.approx(4 * laion * DIMS.vocab - keys, rel=1e-6)

@@ -50,19 +50,19 @@ def datasets(tok, laion_rows: int = 6, laion_len: int = 8, mmc4_len: int = 24):
     return {"mmc4": mmc4, "laion": laion}
 
 
-def separate(model, batches):
+def separate(model, batches, weights=WEIGHTS):
     model.zero_grad(set_to_none=True)
     losses = {name: model(**b).loss for name, b in batches.items()}
-    sum(WEIGHTS[n] * l for n, l in losses.items()).backward()
+    sum(weights[n] * l for n, l in losses.items()).backward()
     return {n: l.detach() for n, l in losses.items()}, grads(model)
 
 
-def packed(model, batches):
+def packed(model, batches, weights=WEIGHTS):
     model.zero_grad(set_to_none=True)
     p = pack_datasets(batches, model.media_token_id, model.pad_token_id)
     out = model(p.images, p.input_ids, p.attention_mask, labels=p.labels, layout=p.layout)
     assert out.loss is None and set(out.group_losses) == set(batches)
-    sum(WEIGHTS[n] * l for n, l in out.group_losses.items()).backward()
+    sum(weights[n] * l for n, l in out.group_losses.items()).backward()
     return {n: l.detach() for n, l in out.group_losses.items()}, grads(model), p
 
 
@@ -90,7 +90,7 @@ def test_packed_pass_equals_separate_passes(tiny_tokenizer_dir, family, attentio
     assert_same(ref, (losses, g))
     # 6 LAION rows of 8 tokens -> 2 rows of 24 (3 segments), after the 3 MMC4 rows; 3 image slots a row
     assert p.input_ids.shape == (5, 24) and p.layout.slots_per_row == 3
-    assert p.layout.groups == (("mmc4", 0, 3), ("laion", 3, 5))
+    assert p.layout.groups == (("mmc4", 0, 3, 1), ("laion", 3, 5, 3))
     assert p.images.shape[0] == 3 + 1 + 2 + 6  # real images only
 
 
@@ -142,3 +142,45 @@ def test_a_packed_forward_without_labels_is_refused(tiny_tokenizer_dir):
     del batches["laion"]["labels"]
     with pytest.raises(ValueError, match="laion: labels"):
         pack_datasets(batches, model.media_token_id, model.pad_token_id)
+
+
+def test_three_datasets_rows_without_images_and_equal_lengths(tiny_tokenizer_dir):
+    """A third dataset of 12-token rows with 2 image slots (2 rows per packed row: 4 slots) beside a second
+    24-token one; a row without any image; counts given as ints (as the engines pass them)."""
+    model, tok = build(tiny_tokenizer_dir, "mpt")
+    batches = datasets(tok)
+    g = torch.Generator().manual_seed(2)
+    ids, mask = tokens(tok, ["<image>a<|endofchunk|><image>b", "no image at all", "<image>c d e", "x<image>y"], 12)
+    batches["short"] = dict(pixel_values=torch.randn(4, 2, 3, 32, 32, generator=g), input_ids=ids, attention_mask=mask,
+                            labels=ids.masked_fill(mask == 0, -100), num_images=torch.tensor([2, 0, 1, 1]))
+    ids, mask = tokens(tok, ["<image>one more long row of text<|endofchunk|>", "plain words here"], 24)
+    batches["long"] = dict(pixel_values=torch.randn(2, 1, 3, 32, 32, generator=g), input_ids=ids, attention_mask=mask,
+                           labels=ids.masked_fill(mask == 0, -100), num_images=torch.tensor([1, 0]))
+    weights = {**WEIGHTS, "short": 0.5, "long": 0.3}
+    as_ints = {n: {**b, "num_images": b["num_images"].tolist()} for n, b in batches.items()}  # as the engines pass them
+    ref = separate(model, as_ints, weights)
+    losses, g2, p = packed(model, batches, weights)
+    assert_same(ref, (losses, g2))
+    assert [grp[3] for grp in p.layout.groups] == [1, 3, 2, 1] and p.layout.slots_per_row == 4
+
+
+@pytest.mark.parametrize("window,refused", [(4, True), (64, False)])
+def test_sliding_window_shorter_than_the_packed_rows_is_refused(tiny_tokenizer_dir, window, refused):
+    """One 4D mask reaches every layer in a packed pass, so a sliding window shorter than the rows cannot be kept
+    (the engines ask `packing_problem` before training starts; the packed forward refuses too)."""
+    from of_ds.model import build_flamingo
+    from of_ds.spec import LMSpec
+
+    from .conftest import lm_config
+
+    spec = tiny_spec(tiny_tokenizer_dir, "mistral", every_n_layers=1)
+    spec = spec.model_copy(update={"lm": LMSpec(name_or_path=None, config={**lm_config(tiny_tokenizer_dir, "mistral"), "sliding_window": window})})
+    model, _, tok = build_flamingo(spec)
+    batches = datasets(tok)
+    if refused:
+        assert "sliding window of 4 tokens, shorter than the packed rows (24)" in model.packing_problem(24)
+        with pytest.raises(ValueError, match="engine.fuse_datasets: .*sliding window"):
+            packed(model, batches)
+    else:
+        assert model.packing_problem(24) is None
+        assert_same(separate(model, batches), packed(model, batches)[:2])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..model.packing import PackedBatch, describe_packing, pack_datasets
+from ..spec import SpecError
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -110,7 +111,7 @@ def check_fusable(model: nn.Module, spec) -> None:
     if spec.engine.fuse_datasets and len(spec.data.datasets) > 1:
         problem = model.packing_problem(max(d.effective_max_tokens() for d in spec.data.datasets))
         if problem:
-            raise ValueError(f"engine.fuse_datasets: {problem}; set engine.fuse_datasets: false for this LM")
+            raise SpecError([f"engine.fuse_datasets: {problem}; set engine.fuse_datasets: false for this LM"])
 
 
 class PackingReport:

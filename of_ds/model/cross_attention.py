@@ -5,8 +5,8 @@ Media semantics (OpenFlamingo's `only_attend_immediate_media=True`): a token's *
 k attends only to the latents of image k (`latents[row, k-1]`); tokens with text time 0 (before the first image),
 or pointing past the row's real images, get an exact zero cross-attention output.
 
-Layout: keys/values are all of a row's image latents ([B, T*n]); a boolean SDPA mask keeps each token's own
-image. With one image per row (LAION) the mask is dropped, so SDPA can take its fastest (flash) path.
+Layout: keys/values are all of a row's image latents ([B, T*n]); an additive SDPA bias (-inf elsewhere) keeps each
+token's own image. With one image per row (LAION) the mask is dropped, so SDPA can take its fastest (flash) path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class MediaContext:
     """What the cross-attention blocks of one LM forward need; built by `build_media_context`."""
 
     latents: torch.Tensor  # [B, T, n, D_vis]
-    attn_mask: Optional[torch.Tensor]  # [B, 1, L, T*n] bool (True: attend), None when T == 1
+    attn_mask: Optional[torch.Tensor]  # [B, 1, L, T*n] additive bias (0: attend, -inf: not), None when T == 1
     has_media: torch.Tensor  # [B, L, 1] bool: the token has a real image to attend to
     text_time: torch.Tensor  # [B, L] int64: 1-based image index per token (0: none)
 
@@ -73,8 +73,19 @@ def media_context(latents: torch.Tensor, text_time: torch.Tensor, has_media: tor
     if t_img > 1:
         key_time = torch.arange(1, t_img + 1, device=text_time.device).repeat_interleave(n)
         # rows without media may attend anywhere (their output is zeroed), which keeps softmax free of all-masked rows
-        attn_mask = ((text_time[:, :, None] == key_time) | ~has_media[:, :, None]).unsqueeze(1)
+        keep = ((text_time[:, :, None] == key_time) | ~has_media[:, :, None]).unsqueeze(1)
+        # as an additive bias in the attention's dtype, built once: given a bool mask, SDPA's efficient and math
+        # kernels convert it in every block's call and keep each copy for backward
+        attn_mask = torch.zeros(keep.shape, dtype=_attention_dtype(latents), device=keep.device).masked_fill_(~keep, float("-inf"))
     return MediaContext(latents=latents, attn_mask=attn_mask, has_media=has_media.unsqueeze(-1), text_time=text_time)
+
+
+def _attention_dtype(latents: torch.Tensor) -> torch.dtype:
+    """The dtype the blocks' queries will have: autocast's where it is on, else the latents' (the model's)."""
+    device = latents.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return latents.dtype
 
 
 class MaskedCrossAttention(nn.Module):
@@ -93,6 +104,8 @@ class MaskedCrossAttention(nn.Module):
         """x [B, L, D], latents [B, T, n, D_vis] -> [B, L, D]."""
         q = split_heads(self.to_q(self.norm(x)), self.heads)
         k, v = self.to_kv(latents.flatten(1, 2).to(q.dtype)).chunk(2, dim=-1)
+        if attn_mask is not None and attn_mask.dtype not in (q.dtype, torch.bool):
+            attn_mask = attn_mask.to(q.dtype)  # SDPA takes a bias only in the queries' dtype
         out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads), attn_mask=attn_mask)
         return self.to_out(merge_heads(out).masked_fill(~has_media, 0.0))
 

@@ -64,10 +64,10 @@ def move_batch(batch: Batch, device: torch.device, float_dtype: Optional[torch.d
     device-to-host sync every step."""
     out = {}
     for k, v in batch.items():
-        if not isinstance(v, torch.Tensor):
-            continue
         if k == "num_images":
-            out[k] = v
+            out[k] = v if v is None or isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.long)
+            continue
+        if not isinstance(v, torch.Tensor):
             continue
         v = v.to(device, non_blocking=True)
         out[k] = v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v
@@ -76,14 +76,15 @@ def move_batch(batch: Batch, device: torch.device, float_dtype: Optional[torch.d
 
 def weighted_losses(
     model: nn.Module, batches: Mapping[str, Batch], weights: Mapping[str, float], device, float_dtype=None, *,
-    fuse: bool = False, on_pack: Optional[Callable[[PackedBatch], None]] = None,
+    fuse: Optional[Mapping[str, int]] = None, on_pack: Optional[Callable[[PackedBatch], None]] = None,
 ) -> dict[str, torch.Tensor]:
     """Forward every dataset's micro-batch; `loss` = sum of weight x dataset loss (one graph, one backward). With
-    `fuse` (engine.fuse_datasets), all datasets go through the model as one packed batch, shown to `on_pack`."""
+    `fuse` (engine.fuse_datasets: each dataset's row length, its max_tokens), all datasets go through the model as
+    one packed batch, shown to `on_pack`."""
     moved = {name: move_batch(batch, device, float_dtype) for name, batch in batches.items()}
-    if fuse and len(moved) > 1:
+    if fuse is not None and len(moved) > 1:
         flamingo = getattr(model, "module", model)  # DeepSpeed and DDP wrap it
-        packed = pack_datasets(moved, flamingo.media_token_id, flamingo.pad_token_id)
+        packed = pack_datasets(moved, flamingo.media_token_id, flamingo.pad_token_id, fuse)
         if on_pack is not None:
             on_pack(packed)
         losses = dict(model(packed.images, packed.input_ids, packed.attention_mask, labels=packed.labels, layout=packed.layout).group_losses)
@@ -106,12 +107,16 @@ def _as_ints(counts: Optional[torch.Tensor]) -> Optional[tuple[int, ...]]:
     return None if counts is None else tuple(counts.tolist())
 
 
-def check_fusable(model: nn.Module, spec) -> None:
-    """engine.fuse_datasets on an LM that cannot take packed rows: a clear error before training starts."""
-    if spec.engine.fuse_datasets and len(spec.data.datasets) > 1:
-        problem = model.packing_problem(max(d.effective_max_tokens() for d in spec.data.datasets))
-        if problem:
-            raise SpecError([f"engine.fuse_datasets: {problem}; set engine.fuse_datasets: false for this LM"])
+def fused_row_lengths(model: nn.Module, spec) -> Optional[dict[str, int]]:
+    """With engine.fuse_datasets, each dataset's row length (its max_tokens) for `weighted_losses(fuse=...)`, after
+    checking that the LM can take packed rows (a clear error before training starts); else None."""
+    if not spec.engine.fuse_datasets or len(spec.data.datasets) < 2:
+        return None
+    lengths = {d.name: d.effective_max_tokens() for d in spec.data.datasets}
+    problem = model.packing_problem(max(lengths.values()))
+    if problem:
+        raise SpecError([f"engine.fuse_datasets: {problem}; set engine.fuse_datasets: false for this LM"])
+    return lengths
 
 
 class PackingReport:

@@ -10,7 +10,7 @@ import torch
 from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, PackingReport, StepStats, check_fusable, weighted_losses
+from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
 from .deepspeed_config import zero_stage
 from .deepspeed_patches import drop_redundant_overflow_scan, install_foreach_grad_norm, install_sync_free_clip, sync_free_ds_config
 from .device_skip import found_inf, guard_step, supports_device_skip
@@ -25,7 +25,7 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, spec: RunSpec, runtime: Runtime, ds_config: dict, total_steps: int):
         import deepspeed
 
-        check_fusable(model, spec)
+        self.fuse_datasets = fused_row_lengths(model, spec)  # None: a pass per dataset
         model.set_activation_checkpointing(spec.engine.activation_checkpointing)
         model.set_loss_chunking(spec.engine.loss_chunk_tokens)
         zero = ds_config.get("zero_optimization", {})
@@ -59,7 +59,6 @@ class DeepSpeedEngine:
         self.grad_accum_steps = self.engine.gradient_accumulation_steps()
         self.input_dtype = _INPUT_DTYPE.get(spec.engine.precision)
         self.device = runtime.device
-        self.fuse_datasets = spec.engine.fuse_datasets
         self._pack_report = PackingReport(runtime.rank)
         self.can_reshape = self.zero_stage == 0  # ZeRO partitions are tied to the world size they were saved with
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..runtime import Runtime
 from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, PackingReport, StepStats, check_fusable, weighted_losses
+from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
 from .device_skip import found_inf, step_unless, supports_device_skip
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
@@ -78,10 +78,9 @@ class TorchEngine:
         self.kind, self.precision, self.device = eng.kind, eng.precision, runtime.device
         self.grad_accum_steps = spec.optim.grad_accum_steps
         self.grad_clip = spec.optim.grad_clip
-        self.fuse_datasets = eng.fuse_datasets
         self._pack_report = PackingReport(runtime.rank)
         self.can_reshape = True
-        check_fusable(model, spec)
+        self.fuse_datasets = fused_row_lengths(model, spec)  # None: a pass per dataset
         model.set_activation_checkpointing(eng.activation_checkpointing)
         model.set_loss_chunking(eng.loss_chunk_tokens)
         model.to(runtime.device)

@@ -323,7 +323,10 @@ class Flamingo(nn.Module):
         if "position_ids" not in self._lm_args and getattr(config, "model_type", None) != "mpt":  # MPT: ALiBi, relative
             return f"{name} takes no position_ids, so packed rows would shift its positions"
         window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) is not False and window < length:
+        sliding = getattr(config, "use_sliding_window", True) is not False
+        if getattr(config, "layer_types", None) is not None:  # e.g. Qwen2: only the layers typed so slide
+            sliding = "sliding_attention" in config.layer_types
+        if window and sliding and window < length:
             return (f"{name} attends through a sliding window of {window} tokens, shorter than the packed rows "
                     f"({length}); the one 4D mask a packed pass gives every layer cannot carry it")
         return None
@@ -358,7 +361,7 @@ class Flamingo(nn.Module):
         max_new_tokens: int = 20,
         num_beams: int = 1,
         eos_token_id: Optional[int] = None,
-        num_images: Optional[torch.Tensor] = None,
+        num_images: Optional[Union[torch.Tensor, Sequence[int]]] = None,
         length_penalty: float = 1.0,
     ) -> torch.Tensor:
         """Greedy (num_beams=1) or beam search with a KV cache; prompts must be left-padded. Returns prompt + new tokens."""

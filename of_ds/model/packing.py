@@ -60,14 +60,23 @@ def pack_factor(rows: int, length: int, target: int) -> int:
     return max(k for k in range(1, most + 1) if rows % k == 0)
 
 
-def pack_datasets(batches: Mapping[str, Mapping[str, torch.Tensor]], media_token_id: int, pad_token_id: int) -> PackedBatch:
+def pack_datasets(
+    batches: Mapping[str, Mapping[str, torch.Tensor]], media_token_id: int, pad_token_id: int,
+    row_lengths: Optional[Mapping[str, int]] = None,
+) -> PackedBatch:
     """Lay out every dataset's micro-batch (`pixel_values` [B, T, 3, H, W], `input_ids`, `attention_mask`, `labels`,
     optional host `num_images` [B]) as one packed batch. Token tensors on the device, `num_images` on the host: no
     device sync. Rows are right-padded, as the loaders make them (a left-padded row's padding would sit between the
-    segments and its positions would not restart at its first token)."""
+    segments and its positions would not restart at its first token).
+
+    `row_lengths` (each dataset's `max_tokens`): rows are first padded to it, so the layout is the same every step
+    whatever the longest row of a batch (LAION batches are padded to their longest caption): static shapes for
+    torch.compile, and the memory plan's slots."""
     if not batches:
         raise ValueError("pack_datasets: no batches")
     parts = {name: _unpack_fields(name, b) for name, b in batches.items()}
+    for name, p in parts.items():
+        _pad_rows(name, p, (row_lengths or {}).get(name), pad_token_id)
     target = max(p["input_ids"].shape[1] for p in parts.values())
     factors = {name: pack_factor(p["input_ids"].shape[0], p["input_ids"].shape[1], target) for name, p in parts.items()}
     slots = max(factors[name] * p["pixels"].shape[1] for name, p in parts.items())
@@ -120,6 +129,17 @@ def _unpack_fields(name: str, b: Mapping[str, torch.Tensor]) -> dict:
     elif tuple(num.shape) != (ids.shape[0],):
         raise ValueError(f"{name}: num_images: expected shape ({ids.shape[0]},), got {tuple(num.shape)}")
     return dict(input_ids=ids, attention_mask=mask, labels=labels, pixels=pixels, num_images=num)
+
+
+def _pad_rows(name: str, p: dict, length: Optional[int], pad_token_id: int) -> None:
+    """Right-pad a dataset's token tensors to `length` (in place in `p`)."""
+    have = p["input_ids"].shape[1]
+    if length is None or have == length:
+        return
+    if have > length:
+        raise ValueError(f"{name}: rows of {have} tokens, longer than its max_tokens {length}")
+    for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        p[key] = F.pad(p[key], (0, length - have), value=fill)
 
 
 def _pack_rows(p: dict, k: int, target: int, media_token_id: int, pad_token_id: int) -> dict[str, torch.Tensor]:

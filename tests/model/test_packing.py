@@ -184,3 +184,21 @@ def test_sliding_window_shorter_than_the_packed_rows_is_refused(tiny_tokenizer_d
     else:
         assert model.packing_problem(24) is None
         assert_same(separate(model, batches), packed(model, batches)[:2])
+
+
+def test_rows_padded_to_max_tokens_keep_one_layout(tiny_tokenizer_dir):
+    """A LAION batch padded only to its longest caption (4 of max_tokens 8) packs as a full-length one would: 3 rows
+    per packed row and 3 image slots, every step (static shapes, the memory plan's slots), with the same losses."""
+    model, tok = build(tiny_tokenizer_dir, "llama")
+    batches = datasets(tok, laion_len=4)
+    ref = separate(model, batches)
+    model.zero_grad(set_to_none=True)
+    p = pack_datasets(batches, model.media_token_id, model.pad_token_id, row_lengths={"mmc4": 24, "laion": 8})
+    assert p.layout.groups == (("mmc4", 0, 3, 1), ("laion", 3, 5, 3)) and p.layout.slots_per_row == 3
+    loose = pack_datasets(batches, model.media_token_id, model.pad_token_id)
+    assert loose.layout.slots_per_row == 6  # without row_lengths: 6 rows of 4 tokens per packed row
+    out = model(p.images, p.input_ids, p.attention_mask, labels=p.labels, layout=p.layout)
+    sum(WEIGHTS[n] * l for n, l in out.group_losses.items()).backward()
+    assert_same(ref, ({n: l.detach() for n, l in out.group_losses.items()}, grads(model)))
+    with pytest.raises(ValueError, match="laion: rows of 4 tokens, longer than its max_tokens 3"):
+        pack_datasets(batches, model.media_token_id, model.pad_token_id, row_lengths={"laion": 3})

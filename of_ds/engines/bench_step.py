@@ -3,7 +3,9 @@ batches of its shapes, and print one JSON line (step time, samples/s, TFLOP/s, M
 
 Nothing is downloaded: an LM given by hub name is replaced by a randomly initialised config of its size (MPT-1B:
 d_model 2048, 24 layers, 16 heads; MPT-7B: 4096, 32, 32; vocab 50432; unknown names get MPT-1B), the vision tower is built unpretrained, and the tokenizer
-is a local word-level vocabulary of the LM's size. `--tiny` shrinks model and batches so it runs on a CPU.
+is a local word-level vocabulary of the LM's size. `--tiny` shrinks model and batches so it runs on a CPU;
+`--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
+dispatches, measurable on a CPU).
 FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every image slot counted).
 """
 
@@ -48,7 +50,7 @@ def synthetic_tokenizer(n_tokens: int, out: Path) -> Path:
     return out
 
 
-def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path) -> RunSpec:
+def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path, skeleton: bool = False) -> RunSpec:
     spec = RunSpec.from_yaml(spec_path, (TINY_SETS if tiny else []) + overrides)
     data = spec.to_dict()
     m = data["model"]
@@ -57,6 +59,8 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path) -> R
     if m["lm"]["config"] is None:
         config = KNOWN_LM_CONFIGS.get(m["lm"]["name_or_path"], MPT_1B)
         m["lm"].update(config=dict(config), name_or_path=None, trust_remote_code=False)
+    if skeleton:
+        shrink_to_skeleton(m)
     lm_vocab = m["lm"]["config"].get("vocab_size", 1000 if tiny else MPT_1B["vocab_size"])
     n_tokens = min(MPT_1B_TOKENS, lm_vocab) if not tiny else lm_vocab - 8
     m["tokenizer"] = str(synthetic_tokenizer(n_tokens, tmp / "tokenizer"))
@@ -66,6 +70,27 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path) -> R
                      max_images=min(d.get("max_images", 6), 2), max_tokens=32 if d["kind"] == "laion" else 64)
     data["run"]["output_dir"] = str(tmp / "runs")
     return RunSpec.from_dict(data)
+
+
+def shrink_to_skeleton(m: dict) -> None:
+    """The model's structure at tiny widths (in place on a spec's `model` dict): every layer count, the number of
+    latents, the image grid's token count per image and the batch shapes are kept; widths, heads and the
+    vocabulary shrink until the operators cost next to nothing. What is left of a step's time on a CPU is the host's
+    cost of dispatching them: a proxy, where no GPU is at hand, for a step's kernel-launch work (`--count-ops`)."""
+    import open_clip
+
+    lm = m["lm"]["config"]
+    if lm.get("model_type") != "mpt":
+        raise SystemExit("--skeleton: only MPT-family LMs (the recipes') are shrunk")
+    m["lm"]["config"] = {**lm, "d_model": 32, "n_heads": 2, "vocab_size": 512}
+    vision = (m["vision"]["config"] or open_clip.get_model_config(m["vision"]["name"]))["vision_cfg"]
+    grid = vision.get("image_size", 224) // vision["patch_size"]
+    m["vision"].update(name="skeleton-vit", config={
+        "embed_dim": 32, "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1},
+        "vision_cfg": {"image_size": 2 * grid, "patch_size": 2, "layers": vision["layers"], "width": 32, "head_width": 16, "mlp_ratio": 4.0},
+    })
+    m["perceiver"].update(heads=2, dim_head=16)
+    m["cross_attn"].update(heads=2, dim_head=16)
 
 
 def random_batches(spec: RunSpec, model, image_size: int, generator: torch.Generator) -> dict:
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tiny", action="store_true", help="a tiny model and batches (CPU smoke run)")
+    p.add_argument("--skeleton", action="store_true",
+                   help="the recipe's layers, latents and batch shapes at tiny widths (CPU: the host's dispatch cost)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: the device table)")
@@ -305,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp))
+        spec = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp), args.skeleton)
         result = run_bench(spec, args.steps, args.warmup, args.peak_tflops, args.breakdown, args.trace, args.cprofile, args.count_ops)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)

@@ -13,12 +13,13 @@ from torch.utils.checkpoint import checkpoint
 from ..spec import CrossAttnSpec, PerceiverSpec
 from .cross_attention import FlamingoLayer, GatedCrossAttentionBlock, MediaContext, MediaSlot, build_media_context, media_context, should_add_cross_attention
 from .embeddings import NewTokenEmbeddings
+from .inputs import check_batch, single_frame
+from .labels import IGNORE_INDEX
 from .language import forward_arg_names, get_by_path, hidden_size, set_by_path
 from .packing import PackedLayout
 from .perceiver import PerceiverResampler
 from .vision import encode_patch_tokens
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -36,10 +37,15 @@ class TokenIds:
     new: tuple[int, ...]  # every id served by the decoupled tables
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] the label each position predicts (the next one; -100 at the end). The labels are shifted, not the
+    logits: slicing the [B, L, V] logits would copy them."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy (fp32), mean over labels != -100; 0 (not NaN) when nothing is labelled."""
-    # shift the labels, not the logits: slicing the [B, L, V] logits would copy them
-    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    target = next_token_targets(labels).reshape(-1)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
 
@@ -50,14 +56,14 @@ def _chunk_loss(hidden: torch.Tensor, target: torch.Tensor, logits_fn, reduction
 
 def position_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, L] fp32 next-token cross-entropy per position, 0 where the target is -100."""
-    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    target = next_token_targets(labels).reshape(-1)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
     return ce.view(labels.shape)
 
 
 def group_means(per_position: torch.Tensor, labels: torch.Tensor, groups) -> dict[str, torch.Tensor]:
     """Each (name, first row, end row) group's mean over its targets (0 when it has none), as `causal_lm_loss`."""
-    counted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+    counted = next_token_targets(labels) != IGNORE_INDEX
     return {name: per_position[r0:r1].sum() / counted[r0:r1].sum().clamp(min=1) for name, r0, r1, *_ in groups}
 
 
@@ -75,7 +81,7 @@ class ChunkedLMLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, logits_fn, per_position: bool = False) -> torch.Tensor:
         """The mean loss, or with `per_position` each position's [B, L] (0 where not a target)."""
-        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        target = next_token_targets(labels).reshape(-1)
         reduction = "none" if per_position else "sum"
         parts = [
             checkpoint(_chunk_loss, h, t, logits_fn, reduction, use_reentrant=False)
@@ -94,18 +100,6 @@ def host_counts(num_images) -> Optional[torch.Tensor]:
     if num_images is None or torch.is_tensor(num_images):
         return num_images
     return torch.tensor(num_images, dtype=torch.long)
-
-
-def check_batch(pixel_values, input_ids, attention_mask, labels, num_images) -> None:
-    """Shapes that must agree, with a message naming the tensor (a mismatch would otherwise broadcast or fail deep inside)."""
-    b, length = input_ids.shape
-    if pixel_values.ndim not in (5, 6) or pixel_values.shape[0] != b:
-        raise ValueError(f"pixel_values: expected [B={b}, T, 3, H, W], got {tuple(pixel_values.shape)}")
-    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
-        if t is not None and tuple(t.shape) != (b, length):
-            raise ValueError(f"{name}: expected shape {(b, length)} like input_ids, got {tuple(t.shape)}")
-    if num_images is not None and tuple(num_images.shape) != (b,):
-        raise ValueError(f"num_images: expected shape ({b},), got {tuple(num_images.shape)}")
 
 
 def segment_causal_mask(config, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor) -> torch.Tensor:
@@ -245,10 +239,7 @@ class Flamingo(nn.Module):
         Keep `num_images` on the CPU (as the loaders yield it): the real-image indices are then found without a
         device sync.
         """
-        if pixel_values.ndim == 6:  # the original's [B, T, F=1, C, H, W]
-            if pixel_values.shape[2] != 1:
-                raise ValueError(f"pixel_values: only single-frame media are supported, got F={pixel_values.shape[2]}")
-            pixel_values = pixel_values.squeeze(2)
+        pixel_values = single_frame(pixel_values)
         b, t = pixel_values.shape[:2]
         images = pixel_values.flatten(0, 1)
         if num_images is None:

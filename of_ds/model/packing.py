@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .cross_attention import token_media_times
-
-IGNORE_INDEX = -100
-
+from .inputs import check_batch, single_frame
+from .labels import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class PackedLayout:
@@ -106,28 +105,19 @@ def pack_datasets(
 
 
 def _unpack_fields(name: str, b: Mapping[str, torch.Tensor]) -> dict:
-    ids = b["input_ids"]
-    pixels = b["pixel_values"]
-    if pixels.ndim == 6:  # [B, T, F=1, C, H, W]
-        if pixels.shape[2] != 1:
-            raise ValueError(f"{name}: pixel_values: only single-frame media are supported, got F={pixels.shape[2]}")
-        pixels = pixels.squeeze(2)
-    if pixels.ndim != 5 or pixels.shape[0] != ids.shape[0]:
-        raise ValueError(f"{name}: pixel_values: expected [B={ids.shape[0]}, T, 3, H, W], got {tuple(pixels.shape)}")
+    ids, labels, num = b["input_ids"], b.get("labels"), b.get("num_images")
+    if labels is None:
+        raise ValueError(f"{name}: labels are needed to pack datasets (each dataset's loss)")
     mask = b.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(ids)
-    labels = b.get("labels")
-    if labels is None:
-        raise ValueError(f"{name}: labels are needed to pack datasets (each dataset's loss)")
-    for field, t in (("attention_mask", mask), ("labels", labels)):
-        if t.shape != ids.shape:
-            raise ValueError(f"{name}: {field}: expected shape {tuple(ids.shape)} like input_ids, got {tuple(t.shape)}")
-    num = b.get("num_images")
+    try:
+        check_batch(b["pixel_values"], ids, mask, labels, num)
+        pixels = single_frame(b["pixel_values"])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     if num is None:
         num = torch.full((ids.shape[0],), pixels.shape[1], dtype=torch.long)  # every slot holds an image
-    elif tuple(num.shape) != (ids.shape[0],):
-        raise ValueError(f"{name}: num_images: expected shape ({ids.shape[0]},), got {tuple(num.shape)}")
     return dict(input_ids=ids, attention_mask=mask, labels=labels, pixels=pixels, num_images=num)
 
 

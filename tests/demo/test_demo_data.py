@@ -90,7 +90,7 @@ def test_two_ranks_regenerate_a_partial_dir_identically(demo, tmp_path):
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from of_ds.demo import ensure_demo_data; ensure_demo_data({str(target)!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(2)]
     for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]  # generation pretrains two tiny models: minutes on a busy machine
     assert digest(target) == digest(demo)
     assert len(digest(demo)) > 400
 

@@ -2,7 +2,9 @@
 # Step-speed measurements of the recipes on one GPU (issue 7), each variant its own `tools/bench_step` process.
 #   tools/gpu_bench.sh OUTDIR [VARIANT ...]      (default: every variant below, in order)
 # Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2 and
-# 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt (cProfile). A failed variant writes {"name", "failed": true}.
+# 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt
+# (cProfile). `traffic` times no step: the --traffic count of 3B and 9B, each matmul shape timed on the GPU.
+# A failed variant writes {"name", "failed": true}.
 # On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step. 3b_loop (launch/train.py at the 3B sizes on
 # the demo shards, 40 steps: data wait and the loop's own overhead) needs demo_data/{laion,mmc4,tokenizer} carried.
 set -uo pipefail
@@ -73,6 +75,9 @@ run_variant() {
           $(batch $((32 * k)) $((64 * k))) && break
       done ;;
     3b_loop) loop 3b_loop 300 $S3 ;;
+    traffic) # bytes/FLOPs counted on the meta device, every matmul shape timed on the GPU: per-shape TFLOP/s
+      bench traffic_3b 90 $S3 --traffic --time-gemms --set engine.fuse_datasets=true
+      bench traffic_9b 90 $S9 --traffic --time-gemms --set engine.fuse_datasets=true ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac
 }

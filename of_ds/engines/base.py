@@ -90,7 +90,7 @@ def weighted_losses(
         losses = dict(model(packed.images, packed.input_ids, packed.attention_mask, labels=packed.labels, layout=packed.layout).group_losses)
     else:
         losses = {
-            name: model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"], num_images=_as_ints(b.get("num_images"))).loss
+            name: model(b["pixel_values"], b["input_ids"], b.get("attention_mask"), labels=b["labels"], num_images=_as_ints(b.get("num_images"))).loss
             for name, b in moved.items()
         }
     total = None

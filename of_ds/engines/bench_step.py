@@ -5,7 +5,8 @@ Nothing is downloaded: an LM given by hub name is replaced by a randomly initial
 d_model 2048, 24 layers, 16 heads; MPT-7B: 4096, 32, 32; vocab 50432; unknown names get MPT-1B), the vision tower is built unpretrained, and the tokenizer
 is a local word-level vocabulary of the LM's size. `--tiny` shrinks model and batches so it runs on a CPU;
 `--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
-dispatches, measurable on a CPU).
+dispatches, measurable on a CPU). `--traffic` times nothing: it counts one step's bytes and FLOPs on the meta device
+at the recipe's sizes and projects the kernel time (`of_ds.engines.traffic`).
 FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every image slot counted).
 """
 
@@ -329,10 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", default=None, metavar="FILE", help="write a torch.profiler operator table of one step to FILE")
     p.add_argument("--cprofile", default=None, metavar="FILE", help="write a cProfile (host side) of one step to FILE")
     p.add_argument("--count-ops", action="store_true", help="add operators dispatched and kernels run per step (one more step)")
+    p.add_argument("--traffic", action="store_true",
+                   help="instead of timing: count the bytes and FLOPs of one step on the meta device and project its kernel time (any machine; see engines/traffic.py)")
+    p.add_argument("--rates", default=None, metavar="GEMM_TFLOPS,ATTN_TFLOPS,MEM_TBPS",
+                   help="achieved device rates for --traffic's projection (default: fitted to the measured H200 step)")
+    p.add_argument("--time-gemms", action="store_true",
+                   help="with --traffic: also time each of the step's matmul shapes on this machine's device (a GPU: seconds)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         spec = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp), args.skeleton)
+        if args.traffic:
+            from .traffic import Rates, traffic_report
+
+            rates = Rates(*(float(x) for x in args.rates.split(","))) if args.rates else None
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.time_gemms else None
+            print(json.dumps(traffic_report(spec, rates, device)), flush=True)
+            return 0
         result = run_bench(spec, args.steps, args.warmup, args.peak_tflops, args.breakdown, args.trace, args.cprofile, args.count_ops)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)

@@ -1,0 +1,271 @@
+"""The bytes each operator of a training step reads and writes, counted on the meta device at a recipe's real sizes.
+
+With the FLOPs (`of_ds.model.flops`) these are the two axes of a roofline. A GPU step's kernel time is about
+GEMM FLOPs / GEMM rate + attention FLOPs / attention rate + the other operators' bytes / memory bandwidth: every
+eager operator that is not a matmul or an attention kernel is at least one kernel that reads its inputs and writes
+its outputs, and at these sizes it is bound by memory. `tools/bench_step --traffic` prints the counts and that
+projection, which needs no GPU and no weights (about ten seconds for the 3B recipe on a CPU).
+
+What is counted: the step as the engines run it (`weighted_losses`, packed when `engine.fuse_datasets`), forward
+and backward, with every weight in the engine's dtype (DeepSpeed's bf16 layout); views are free; a broadcast input
+counts at its stored size. SDPA is counted as the GPU runs it (one fused kernel each way), not as the meta device's
+math decomposition. nn.MultiheadAttention (open_clip's ViT) takes its unfused path here; on a GPU its fused fast
+path moves a little less. The optimizer step is estimated from the trainable parameter count
+(`OPTIMIZER_BYTES_PER_TRAINABLE`). A `torch.compile`d part fuses some operators, so this is the eager step's count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
+
+_aten = torch.ops.aten
+GEMM_OPS = frozenset(p.overloadpacket for p in (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.convolution.default, _aten.convolution_backward.default))
+FREE_OPS = frozenset((_aten.detach.default, _aten._unsafe_view.default, _aten.alias.default, _aten.lift_fresh.default))
+TIMED_GEMMS = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}  # what `time_gemm_shapes` can replay
+# which model part a forward operator belongs to, by the innermost module path it runs under
+PART_KEYS = (("gated_cross_attn_layer", "cross_attn"), ("decoder_layer", "lm_layers"), ("perceiver", "perceiver"), ("vision_encoder", "vision"))
+# DeepSpeed ZeRO-1/2 bf16 per trainable parameter: the bf16 gradient read and its fp32 copy written (2 + 4), the
+# norm's read (4), AdamW reading fp32 weight, m, v and gradient (16) and writing weight, m, v (12), the bf16 weight
+# written back (2)
+OPTIMIZER_BYTES_PER_TRAINABLE = 40
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Achieved device rates for the projection (not peaks)."""
+
+    gemm_tflops: float
+    attention_tflops: float
+    memory_tbps: float
+
+
+# Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, 2026-11-27; docs/performance.md): matmuls
+# 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the remaining 181 ms of kernel time over the 378 GB
+# this module counts for that configuration.
+H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.1)
+
+
+@dataclass
+class OpTally:
+    calls: int = 0
+    bytes: int = 0
+    flops: int = 0
+
+
+@dataclass
+class StepTraffic:
+    """One step's counts: per aten operator, and the forward's memory-bound bytes per model part."""
+
+    ops: dict[str, OpTally] = field(default_factory=dict)
+    kinds: dict[str, OpTally] = field(default_factory=lambda: {k: OpTally() for k in ("gemm", "attention", "memory")})
+    forward_memory_bytes: Counter = field(default_factory=Counter)  # part -> bytes
+    gemm_shapes: dict[tuple, OpTally] = field(default_factory=dict)  # (op, input shapes, inputs transposed) -> tally
+    optimizer_bytes: int = 0
+
+    def projected_seconds(self, rates: Rates = H200_MEASURED) -> dict[str, float]:
+        """Kernel seconds per kind at `rates` (the optimizer's estimated bytes under memory) and their total: the
+        step time if the device never waits for the host."""
+        out = {
+            "gemm": self.kinds["gemm"].flops / (rates.gemm_tflops * 1e12),
+            "attention": self.kinds["attention"].flops / (rates.attention_tflops * 1e12),
+            "memory": (self.kinds["memory"].bytes + self.optimizer_bytes) / (rates.memory_tbps * 1e12),
+        }
+        out["total"] = sum(out.values())
+        return out
+
+    def summary(self, rates: Rates = H200_MEASURED, top: int = 12) -> dict:
+        """A JSON-ready summary: GB and TFLOP per kind, the top memory-bound operators, the projection."""
+        gb, tf = (lambda b: round(b / 1e9, 2)), (lambda f: round(f / 1e12, 3))
+        memory_ops = sorted(((n, t) for n, t in self.ops.items() if kind_of(n) == "memory"), key=lambda kv: -kv[1].bytes)
+        return {
+            "kinds": {k: {"calls": t.calls, "gb": gb(t.bytes), "tflop": tf(t.flops)} for k, t in self.kinds.items()},
+            "optimizer_gb_est": gb(self.optimizer_bytes),
+            "memory_gb_by_forward_part": {k: gb(v) for k, v in self.forward_memory_bytes.most_common()},
+            "top_memory_ops": {n: {"calls": t.calls, "gb": gb(t.bytes)} for n, t in memory_ops[:top]},
+            "top_gemm_shapes": [{"op": k[0], "shapes": k[1], "transposed": k[2], "calls": t.calls, "tflop": tf(t.flops)}
+                                for k, t in sorted(self.gemm_shapes.items(), key=lambda kv: -kv[1].flops)[:top]],
+            "rates": vars(rates),
+            "projected_ms": {k: round(v * 1e3, 3) for k, v in self.projected_seconds(rates).items()},
+        }
+
+
+def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 10) -> dict:
+    """Replay each of the step's matmul shapes (same operator, shapes and transposed inputs) on `device` with random
+    values and time it: the achieved TFLOP/s per shape, and the step's matmul time from those instead of one fitted
+    rate. Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
+    cuda = device.type == "cuda"
+    shapes, total_s = [], 0.0
+    for (name, dims, transposed), tally in sorted(traffic.gemm_shapes.items(), key=lambda kv: -kv[1].flops):
+        inputs = [_random_like(d, t, device, dtype) for d, t in zip(dims, transposed)]
+        op = TIMED_GEMMS[name]
+        for _ in range(2):
+            op(*inputs)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        for _ in range(repeats):
+            op(*inputs)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3 / repeats
+        else:
+            seconds = (time.perf_counter() - t0) / repeats
+        total_s += seconds * tally.calls
+        shapes.append({"op": name, "shapes": dims, "transposed": transposed, "calls": tally.calls,
+                       "tflop": round(tally.flops / 1e12, 3), "ms_per_call": round(seconds * 1e3, 5),
+                       "tflops": round(tally.flops / tally.calls / seconds / 1e12, 1)})
+        del inputs
+    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "gemm_ms": round(total_s * 1e3, 2), "shapes": shapes}
+
+
+def _random_like(dims: tuple, transposed: bool, device, dtype) -> torch.Tensor:
+    """A random tensor of shape `dims`; `transposed`: a transposed view of a contiguous one, as a weight in F.linear."""
+    if not transposed:
+        return torch.randn(*dims, device=device, dtype=dtype)
+    return torch.randn(*dims[:-2], dims[-1], dims[-2], device=device, dtype=dtype).mT
+
+
+def kind_of(op_name: str) -> str:
+    """gemm, attention (fused SDPA kernels) or memory (everything else)."""
+    if op_name in {str(p).removeprefix("aten.") for p in GEMM_OPS}:
+        return "gemm"
+    return "attention" if "attention" in op_name else "memory"
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Bytes a kernel touches for `t`: its stored extent (a broadcast dimension, stride 0, counts once)."""
+    if t.numel() == 0:
+        return 0
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return min(extent, t.numel()) * t.element_size()
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Tallies every dispatched aten operator into a `StepTraffic`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.traffic = StepTraffic()
+        self.tracker = ModuleTracker()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "prim" or func.is_view or func in FREE_OPS:
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        nbytes = sum(footprint(t) for t in tensors)
+        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) if func.overloadpacket in flop_registry else 0
+        name = str(func.overloadpacket).removeprefix("aten.")
+        for tally in (self.traffic.ops.setdefault(name, OpTally()), self.traffic.kinds[kind_of(name)]):
+            tally.calls += 1
+            tally.bytes += nbytes
+            tally.flops += flops
+        if kind_of(name) == "memory" and not self.tracker.is_bw:
+            self.traffic.forward_memory_bytes[self._part()] += nbytes
+        if name in TIMED_GEMMS:
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            key = (name, tuple(tuple(t.shape) for t in inputs), tuple(t.ndim > 1 and t.stride(-1) != 1 for t in inputs))
+            tally = self.traffic.gemm_shapes.setdefault(key, OpTally())
+            tally.calls += 1
+            tally.flops += flops
+        return out
+
+    def _part(self) -> str:
+        for key, part in PART_KEYS:
+            if any(key in p for p in self.tracker.parents):
+                return part
+        return "other"  # embeddings, LM head, loss, packing
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as one fused kernel each way (the memory-efficient one, which takes any bias), as on a GPU."""
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return _aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def fused_attention_kernels() -> Iterator[None]:
+    """Route `F.scaled_dot_product_attention` (ours, transformers', nn.MultiheadAttention's) through `_fused_sdpa`."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def count_step_traffic(spec) -> StepTraffic:
+    """Build `spec`'s model on the meta device and count one training step (one micro-batch per dataset)."""
+    from ..model import build_flamingo, count_parameters
+    from ..train.session import batch_shapes
+    from .base import fused_row_lengths, weighted_losses
+
+    model, _, _ = build_flamingo(spec.model, meta=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.engine.precision, torch.float32)
+    model.to(dtype).train()
+    size = model.vision_encoder.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    batches = {d.name: _meta_batch(shapes, dtype) for d, shapes in zip(spec.data.datasets, batch_shapes(spec, size))}
+    weights = {d.name: d.loss_weight for d in spec.data.datasets}
+    counter = TrafficCounter()
+    try:
+        with fused_attention_kernels(), counter, counter.tracker:
+            losses = weighted_losses(model, batches, weights, torch.device("meta"), fuse=fused_row_lengths(model, spec))
+            losses["loss"].backward()
+    except RuntimeError as e:
+        if "meta tensors" not in str(e):
+            raise
+        lm = type(model.lang_encoder).__name__
+        raise ValueError(f"traffic count: {lm} reads tensor values while it builds its attention masks, which a meta-device "
+                         f"count cannot do (the recipes' MPT does not; with engine.fuse_datasets most LMs do not)") from e
+    counter.traffic.optimizer_bytes = OPTIMIZER_BYTES_PER_TRAINABLE * count_parameters(model)["trainable"]
+    return counter.traffic
+
+
+def _meta_batch(shapes: Mapping[str, tuple], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    b, length = shapes["input_ids"]
+    ids = torch.zeros(b, length, dtype=torch.long, device="meta")
+    return {
+        "pixel_values": torch.zeros(*shapes["pixel_values"], dtype=dtype, device="meta"),
+        # no attention mask (all ones): transformers' SDPA mask builders read a given one's values, which meta lacks
+        "input_ids": ids, "labels": ids,
+        "num_images": torch.full((b,), shapes["pixel_values"][1]),  # on the host, as the loaders give it
+    }
+
+
+def traffic_report(spec, rates: Optional[Rates] = None, time_gemms_on: Optional[torch.device] = None) -> dict:
+    """`count_step_traffic(spec).summary(rates)` plus the samples/s the projection implies; with `time_gemms_on`,
+    also each matmul shape timed there (`time_gemm_shapes`) and the projection with those times."""
+    traffic, rates = count_step_traffic(spec), rates or H200_MEASURED
+    summary = traffic.summary(rates)
+    samples = sum(d.batch_size for d in spec.data.datasets)
+    projected = traffic.projected_seconds(rates)
+    summary["projected_samples_per_s"] = round(samples / projected["total"], 1)
+    if time_gemms_on is not None:
+        timed = time_gemm_shapes(traffic, time_gemms_on)
+        total = projected["total"] - projected["gemm"] + timed["gemm_ms"] / 1e3
+        summary["timed_gemms"] = {**timed, "projected_ms_total": round(total * 1e3, 3), "projected_samples_per_s": round(samples / total, 1)}
+    summary["fuse_datasets"] = spec.engine.fuse_datasets
+    summary["lm_attention"] = spec.model.lm.attention
+    return summary

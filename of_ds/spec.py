@@ -168,10 +168,10 @@ class EngineSpec(_Section):
     deepspeed_config: Optional[str] = Field(None, description="A ds_configs/*.json file; `auto` values are filled from the spec.")
     fsdp_sharding: Literal["full", "hybrid"] = "full"
     compile: bool = Field(False, description="torch.compile the parts named in compile_targets.")
-    compile_targets: list[Literal["cross_attn", "lm_layers", "perceiver", "vision"]] = Field(
+    compile_targets: list[Literal["cross_attn", "lm_layers", "perceiver", "vision", "loss"]] = Field(
         default_factory=lambda: ["cross_attn"],
         description="With compile: cross_attn (the gated blocks), lm_layers (each block with its decoder layer), "
-        "perceiver, vision (the frozen tower).",
+        "perceiver, vision (the frozen tower), loss (the logits' fp32 cross-entropy, forward and backward fused).",
     )
     dist_backend: Optional[str] = Field(None, description="nccl on GPUs, gloo on CPU when null.")
     dist_url: str = "env://"

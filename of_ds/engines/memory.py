@@ -94,7 +94,8 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     and image the concat(media, latents) and its keys/values, 2·(v+n)·D, and a block's 17·n·D for the latents.
     Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
     checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward. With
-    `engine.loss_chunk_tokens` the loss keeps nothing and its transient is one chunk's (10 bytes per logit). With
+    `engine.loss_chunk_tokens` the loss keeps nothing and its transient is one chunk's (10 bytes per logit); compiled
+    (`engine.compile_targets` loss) it keeps the bf16 logits, 2 bytes per logit. With
     `engine.fuse_datasets` the transients are those of one pass over every dataset's rows.
     Calibrated on an H200 (docs/performance.md): 3B ZeRO-2, 9B ZeRO-2, 9B ZeRO-3 + checkpointing at 6x batch.
     """
@@ -123,9 +124,11 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     combine = sum if fused else max
     chunk = spec.engine.loss_chunk_tokens
     passes = [sum(logit_tokens)] if fused else logit_tokens
+    # kept for backward: eager, the fp32 log-softmax; compiled (target loss), the bf16 logits (measured on a CPU)
+    kept = 2 if spec.engine.compile and "loss" in spec.engine.compile_targets else 4
     for tokens in passes:
         chunked = 0 < chunk < tokens  # as Flamingo.forward decides
-        total += 0 if chunked else 4 * tokens * dims.vocab  # the fp32 log-softmax kept for backward
+        total += 0 if chunked else kept * tokens * dims.vocab
     # the loss's transient: one chunk recomputed, or the logit gradients of a pass
     logit_t = max(10 * chunk * dims.vocab if 0 < chunk < tokens else 6 * tokens * dims.vocab for tokens in passes)
     return total + max(combine(layer_t) if layer_t else 0.0, logit_t, combine(vision_t))

@@ -63,8 +63,15 @@ class NewTokenEmbeddings(nn.Module):
     def logits(self, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """[..., D] -> [..., vocab_size]: the LM head's logits (cut or padded to the tokenizer's size, as the
         original's resize) with the new ids' columns from `output`."""
+        return self.combine(*self.logit_parts(hidden, head))
+
+    def logit_parts(self, hidden: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two matmuls: the LM head's logits [..., rows of its matrix] and the new tokens' [..., K]."""
         base = head(hidden)
-        new = self.output(hidden).to(base.dtype)
+        return base, self.output(hidden).to(base.dtype)
+
+    def combine(self, base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """`logit_parts` -> [..., vocab_size] logits."""
         if self._appended:
             return torch.cat((base, new), dim=-1)
         extra = self.vocab_size - base.shape[-1]

@@ -6,15 +6,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..spec import CrossAttnSpec, PerceiverSpec
 from .cross_attention import FlamingoLayer, GatedCrossAttentionBlock, MediaContext, MediaSlot, build_media_context, media_context, should_add_cross_attention
 from .embeddings import NewTokenEmbeddings
 from .inputs import check_batch, single_frame
-from .labels import IGNORE_INDEX
+from .loss import ChunkedLMLoss, causal_lm_loss, group_means, mean_loss, position_losses
 from .language import forward_arg_names, get_by_path, hidden_size, set_by_path
 from .packing import PackedLayout
 from .perceiver import PerceiverResampler
@@ -35,64 +33,6 @@ class TokenIds:
     eoc: int
     pad: int
     new: tuple[int, ...]  # every id served by the decoupled tables
-
-
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """[B, L] the label each position predicts (the next one; -100 at the end). The labels are shifted, not the
-    logits: slicing the [B, L, V] logits would copy them."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy (fp32), mean over labels != -100; 0 (not NaN) when nothing is labelled."""
-    target = next_token_targets(labels).reshape(-1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def _chunk_loss(hidden: torch.Tensor, target: torch.Tensor, logits_fn, reduction: str) -> torch.Tensor:
-    return F.cross_entropy(logits_fn(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-def position_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, L] fp32 next-token cross-entropy per position, 0 where the target is -100."""
-    target = next_token_targets(labels).reshape(-1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-    return ce.view(labels.shape)
-
-
-def group_means(per_position: torch.Tensor, labels: torch.Tensor, groups) -> dict[str, torch.Tensor]:
-    """Each (name, first row, end row) group's mean over its targets (0 when it has none), as `causal_lm_loss`."""
-    counted = next_token_targets(labels) != IGNORE_INDEX
-    return {name: per_position[r0:r1].sum() / counted[r0:r1].sum().clamp(min=1) for name, r0, r1, *_ in groups}
-
-
-class ChunkedLMLoss(nn.Module):
-    """`causal_lm_loss(logits_fn(hidden), labels)` without the [B·L, V] logits: per chunk of `chunk_tokens`
-    positions the logits and the fp32 cross-entropy sum, recomputed in backward (non-reentrant checkpoint). Equal
-    to the one-pass loss up to the order of the fp32 sum.
-
-    A module (no parameters) rather than a function so that its output is a tensor DeepSpeed ZeRO-3 hooks: while
-    its backward runs, ZeRO-3 keeps the LM head it gathers for the recomputation."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.chunk_tokens = 0
-
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, logits_fn, per_position: bool = False) -> torch.Tensor:
-        """The mean loss, or with `per_position` each position's [B, L] (0 where not a target)."""
-        target = next_token_targets(labels).reshape(-1)
-        reduction = "none" if per_position else "sum"
-        parts = [
-            checkpoint(_chunk_loss, h, t, logits_fn, reduction, use_reentrant=False)
-            for h, t in zip(hidden.reshape(-1, hidden.shape[-1]).split(self.chunk_tokens), target.split(self.chunk_tokens))
-        ]
-        if per_position:
-            return torch.cat(parts).view(labels.shape)
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def host_counts(num_images) -> Optional[torch.Tensor]:
@@ -166,6 +106,7 @@ class Flamingo(nn.Module):
                 f"this family (e.g. MosaicGPT remote code -> transformers' MptForCausalLM)"
             )
         self.chunked_loss = ChunkedLMLoss()  # used when set_loss_chunking gave it a size
+        self.loss_compiled = False  # compile_parts(["loss"])
         self.apply_freezing(freeze_new_token_embeddings)
 
     # ------------------------------------------------------------------------------------------------ building
@@ -213,8 +154,10 @@ class Flamingo(nn.Module):
 
     def compile_parts(self, targets: Sequence[str], **compile_kwargs) -> None:
         """`torch.compile` in place (engine.compile): `cross_attn` blocks, `lm_layers` (each FlamingoLayer's block +
-        decoder layer as one graph; supersedes cross_attn), `perceiver`, `vision`."""
-        unknown = set(targets) - {"cross_attn", "lm_layers", "perceiver", "vision"}
+        decoder layer as one graph; supersedes cross_attn), `perceiver`, `vision`, `loss` (`_head_losses`: the
+        logits' combination, fp32 upcast and cross-entropy, forward and backward, fused; the output's logits are
+        then None)."""
+        unknown = set(targets) - {"cross_attn", "lm_layers", "perceiver", "vision", "loss"}
         if unknown:
             raise ValueError(f"engine.compile_targets: unknown {sorted(unknown)}")
         if "lm_layers" in targets:
@@ -226,6 +169,9 @@ class Flamingo(nn.Module):
             self.perceiver.compile(**compile_kwargs)
         if "vision" in targets:
             self.vision_encoder.compile(**compile_kwargs)
+        if "loss" in targets:
+            self._head_losses = torch.compile(self._head_losses, **compile_kwargs)
+            self.loss_compiled = True
 
     def train(self, mode: bool = True) -> "Flamingo":
         super().train(mode)
@@ -283,6 +229,20 @@ class Flamingo(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.new_tokens.logits(hidden, self.lang_encoder.get_output_embeddings())
 
+    def _loss_chunked(self, hidden: torch.Tensor) -> bool:
+        return 0 < self.chunked_loss.chunk_tokens < hidden.shape[0] * hidden.shape[1]
+
+    def _fused_head_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, L] fp32 losses per position through the compiled `_head_losses` (the head's matmuls stay outside it,
+        where DeepSpeed's hooks see the head module run)."""
+        return self._head_losses(*self.new_tokens.logit_parts(hidden, self.lang_encoder.get_output_embeddings()), labels)
+
+    def _head_losses(self, base: torch.Tensor, new: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`position_losses` of the logits combined from the head's two parts. Eager, the combination, its fp32 copy
+        and the log-softmax each pass over the [tokens, vocab] logits and the fp32 log-softmax is kept for backward;
+        compiled (target `loss`), forward and backward fuse into a few passes that keep only the bf16 parts."""
+        return position_losses(self.new_tokens.combine(base, new), labels)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -303,10 +263,14 @@ class Flamingo(nn.Module):
         latents = self.encode_images(pixel_values, num_images)
         media = build_media_context(latents, input_ids, self.media_token_id, num_images)
         hidden, _ = self.run_lm(input_ids, attention_mask, media)
-        if labels is not None and 0 < self.chunked_loss.chunk_tokens < hidden.shape[0] * hidden.shape[1]:
+        if labels is None:
+            return FlamingoOutput(loss=None, logits=self.compute_logits(hidden))
+        if self._loss_chunked(hidden):
             return FlamingoOutput(loss=self.chunked_loss(hidden, labels, self.compute_logits), logits=None)
+        if self.loss_compiled:
+            return FlamingoOutput(loss=mean_loss(self._fused_head_losses(hidden, labels), labels), logits=None)
         logits = self.compute_logits(hidden)
-        return FlamingoOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits)
+        return FlamingoOutput(loss=causal_lm_loss(logits, labels), logits=logits)
 
     def packing_problem(self, length: int) -> Optional[str]:
         """Why this LM cannot run packed rows of `length` tokens (engine.fuse_datasets), or None."""
@@ -336,8 +300,10 @@ class Flamingo(nn.Module):
         latents = self.encode_into_slots(images, layout.image_slots, b * slots).unflatten(0, (b, slots))
         media = media_context(latents, layout.text_time, layout.has_media)
         hidden, _ = self.run_lm(input_ids, attention_mask, media, position_ids=layout.position_ids, segment_ids=layout.segment_ids)
-        if 0 < self.chunked_loss.chunk_tokens < b * length:
+        if self._loss_chunked(hidden):
             logits, per_position = None, self.chunked_loss(hidden, labels, self.compute_logits, per_position=True)
+        elif self.loss_compiled:
+            logits, per_position = None, self._fused_head_losses(hidden, labels)
         else:
             logits = self.compute_logits(hidden)
             per_position = position_losses(logits, labels)

@@ -70,10 +70,12 @@ def test_fsdp_matches_ddp(workdir, ddp):
     ("deepspeed", "zero2.json", []),
     ("deepspeed", "zero3.json", ["engine.zero_stage=3", "engine.activation_checkpointing=true"]),
     ("torchrun", None, ["engine.kind=ddp"]),
+    ("deepspeed", "zero2.json", ["engine.compile=true", "engine.compile_targets=[loss]"]),
 ])
 def test_one_pass_for_both_datasets_matches_separate_passes(workdir, ddp, how, config, sets):
-    """engine.fuse_datasets: LAION rows packed into MMC4-length rows, one model pass; same losses per dataset."""
-    name = f"fused_{(config or 'ddp').removesuffix('.json')}"
+    """engine.fuse_datasets: LAION rows packed into MMC4-length rows, one model pass; same losses per dataset. Also
+    with the loss compiled (engine.compile_targets [loss]) inside DeepSpeed."""
+    name = f"fused_{(config or 'ddp').removesuffix('.json')}" + ("_compiled_loss" if "engine.compile=true" in sets else "")
     proc = launch(workdir, how, name, [*sets, "engine.fuse_datasets=true"], ds_config=config)
     assert_same_trajectory(losses(workdir, name), ddp)
     # the 4 LAION rows of 32 tokens share one 128-token row (4 image slots), then the 2 MMC4 rows (3 slots used)

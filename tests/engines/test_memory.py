@@ -87,6 +87,16 @@ def test_chunked_loss_saves_the_logits(tmp_path):
     assert (whole.activations_gib - part.activations_gib) * GiB == pytest.approx(saved, rel=1e-6)
 
 
+def test_compiled_loss_keeps_bf16_logits(tmp_path):
+    """engine.compile_targets [loss]: 2 bytes per logit kept for backward instead of the fp32 log-softmax's 4."""
+    s = recipe_spec(tmp_path)
+    d = s.to_dict()
+    d["engine"].update(compile=True, compile_targets=["lm_layers", "loss"])
+    compiled = estimate(DIMS, RunSpec.from_dict(d), 1, 2)
+    positions = 32 * 256 + 64 * 32
+    assert (estimate(DIMS, s, 1, 2).activations_gib - compiled.activations_gib) * GiB == pytest.approx(2 * positions * DIMS.vocab, rel=1e-6)
+
+
 def test_one_pass_for_both_datasets_adds_up_the_transients(tmp_path):
     """engine.fuse_datasets: one pass's logit gradients cover both datasets' rows, and every row's cross-attention
     scores 8 image slots (LAION's 8 packed rows) instead of 6 (MMC4) or 1 (LAION)."""

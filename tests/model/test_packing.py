@@ -107,6 +107,23 @@ def test_packed_rows_padded_at_the_end_and_chunked_loss(tiny_tokenizer_dir):
     assert p.layout.segment_ids[3].tolist() == [0] * 7 + [1] * 17
 
 
+@pytest.mark.slow
+def test_compiled_loss_equals_eager_separate_and_packed(tiny_tokenizer_dir):
+    """engine.compile_targets [loss]: the head's fp32 cross-entropy compiled gives the eager losses and gradients,
+    a pass per dataset and packed; no logits come out."""
+    model, tok = build(tiny_tokenizer_dir, "mpt")
+    batches = datasets(tok)
+    ref = separate(model, batches)
+    model.compile_parts(["loss"])
+    assert model.loss_compiled and model(**batches["mmc4"]).logits is None
+    for _ in range(2):  # the second call runs the cached graphs
+        assert_same(ref, separate(model, batches))
+        losses, g, _ = packed(model, batches)
+        assert_same(ref, (losses, g))
+    out = model(**{k: v for k, v in batches["mmc4"].items() if k != "labels"})
+    assert out.loss is None and out.logits is not None  # without labels: the logits, as before
+
+
 def test_pack_factor():
     assert pack_factor(64, 32, 256) == 8
     assert pack_factor(60, 32, 256) == 6  # the largest divisor of 60 that fits 8

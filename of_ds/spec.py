@@ -173,6 +173,12 @@ class EngineSpec(_Section):
         description="With compile: cross_attn (the gated blocks), lm_layers (each block with its decoder layer), "
         "perceiver, vision (the frozen tower), loss (the logits' fp32 cross-entropy, forward and backward fused).",
     )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode for compile_targets. max-autotune-no-cudagraphs times Triton matmul templates "
+        "against cuBLAS for every shape (minutes of compiling) and, where a template wins, fuses the GELU, bias or "
+        "residual that follows a matmul into it.",
+    )
     dist_backend: Optional[str] = Field(None, description="nccl on GPUs, gloo on CPU when null.")
     dist_url: str = "env://"
     set_device_rank: bool = Field(True, description="Use cuda:<local_rank> (false: cuda:0, the original's --no-set-device-rank).")

@@ -59,6 +59,8 @@ run_variant() {
     3b_z2) bench 3b_z2 120 $S3 "${STEPS[@]}" --count-ops --breakdown --trace "$out/ops_3b_z2.txt" ;;
     3b_z2_fused) bench 3b_z2_fused 120 $S3 "${STEPS[@]}" --count-ops --set engine.fuse_datasets=true --trace "$out/ops_3b_z2_fused.txt" ;;
     3b_z2_fused_compile) bench 3b_z2_fused_compile 180 $S3 "${STEPS[@]}" --set engine.fuse_datasets=true "${COMPILE[@]}" ;;
+    3b_z2_fused_autotune) # Triton matmul templates timed against cuBLAS per shape; a winning template fuses its GELU/bias
+      bench 3b_z2_fused_autotune 420 $S3 "${STEPS[@]}" --set engine.fuse_datasets=true "${COMPILE[@]}" --set engine.compile_mode=max-autotune-no-cudagraphs ;;
     3b_z2_compile) bench 3b_z2_compile 180 $S3 "${STEPS[@]}" "${COMPILE[@]}" \
       || bench 3b_z2_compile_xattn 150 $S3 "${STEPS[@]}" --set engine.compile=true --set "engine.compile_targets=[cross_attn, perceiver]" ;;
     3b_z2_host) bench 3b_z2_host 100 $S3 "${STEPS[@]}" --cprofile "$out/host_3b_z2.txt" ;;

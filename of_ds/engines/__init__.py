@@ -8,7 +8,8 @@ from .base import Engine, StepStats
 def build_engine(model, spec, runtime, total_steps: int, ds_config: dict | None = None) -> Engine:
     """Wrap the plain model for `spec.engine.kind`; `ds_config` is the resolved DeepSpeed config (deepspeed only)."""
     if spec.engine.compile:
-        model.compile_parts(spec.engine.compile_targets)  # in place, before any wrapper sees the modules
+        # in place, before any wrapper sees the modules
+        model.compile_parts(spec.engine.compile_targets, **({} if spec.engine.compile_mode == "default" else {"mode": spec.engine.compile_mode}))
     if spec.engine.kind == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 

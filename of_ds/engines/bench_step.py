@@ -205,6 +205,7 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
         "step_times_s": [round(t, 4) for t in back_to_back], "step_times_synced_s": [round(t, 4) for t in times[warmup:]],
         "loss_first": round(float(losses[0]), 5), "loss_last": round(float(losses[-1]), 5),
         "build_s": round(t_build, 1), "compile": spec.engine.compile_targets if spec.engine.compile else [],
+        "compile_mode": spec.engine.compile_mode if spec.engine.compile else None,
         **({"breakdown_s": parts, "forward_tflop_by_part": {k: round(v / 1e12, 3) for k, v in fwd_parts.items()}} if parts else {}),
     }
 

@@ -107,3 +107,20 @@ def test_every_matmul_shape_is_replayed_and_timed(tmp_path):
     assert any(any(s["transposed"]) for s in timed["shapes"])  # weights enter F.linear transposed
     assert timed["gemm_ms"] > 0 and all(s["ms_per_call"] > 0 for s in timed["shapes"])
     assert sum(s["tflop"] for s in timed["shapes"]) == pytest.approx(traffic.kinds["gemm"].flops / 1e12, abs=0.01)
+
+
+@pytest.mark.slow
+def test_compiled_traffic_measures_each_kind_of_layer(capsys):
+    """tools/compiled_traffic: eager and compiled steps of 1-2 LM and vision layers, each layer kind's ratio, the
+    full-size projection."""
+    from of_ds.engines.compiled_traffic import main
+
+    sets = [a for s in TINY_MPT + ["engine.fuse_datasets=true"] for a in ("--set", s)]
+    assert main(["--spec", str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), "--tiny", "--rows", "2,4", *sets]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["compiled_over_eager"]) == {"lm_layer", "vision_layer", "rest"}
+    assert all(v > 0 for v in report["compiled_over_eager"].values())
+    eager, compiled = zip(*report["measured_small_gb"].values())
+    assert all(e > 0 for e in eager) and all(c > 0 for c in compiled)
+    assert report["compiled_over_eager"]["rest"] < 1 and compiled[0] < eager[0]  # at least the loss fuses
+    assert report["projected_step_ms"]["compiled"] <= report["projected_step_ms"]["eager"]

@@ -108,13 +108,14 @@ def test_packed_rows_padded_at_the_end_and_chunked_loss(tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_compiled_loss_equals_eager_separate_and_packed(tiny_tokenizer_dir):
+@pytest.mark.parametrize("targets,mode", [(["loss"], "default"), (["lm_layers", "loss"], "max-autotune-no-cudagraphs")])
+def test_compiled_loss_equals_eager_separate_and_packed(tiny_tokenizer_dir, targets, mode):
     """engine.compile_targets [loss]: the head's fp32 cross-entropy compiled gives the eager losses and gradients,
-    a pass per dataset and packed; no logits come out."""
+    a pass per dataset and packed; no logits come out. Also with the layers, in engine.compile_mode max-autotune."""
     model, tok = build(tiny_tokenizer_dir, "mpt")
     batches = datasets(tok)
     ref = separate(model, batches)
-    model.compile_parts(["loss"])
+    model.compile_parts(targets, **({} if mode == "default" else {"mode": mode}))
     assert model.loss_compiled and model(**batches["mmc4"]).logits is None
     for _ in range(2):  # the second call runs the cached graphs
         assert_same(ref, separate(model, batches))

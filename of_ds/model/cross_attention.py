@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .perceiver import build_feed_forward, merge_heads, split_heads
+from .perceiver import ScaledLinear, build_feed_forward, merge_heads, split_heads
 
 
 @dataclass
@@ -98,20 +98,23 @@ class MaskedCrossAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_out = ScaledLinear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, attn_mask: Optional[torch.Tensor], has_media: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D], latents [B, T, n, D_vis] -> [B, L, D]."""
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, attn_mask: Optional[torch.Tensor], has_media: torch.Tensor,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, L, D], latents [B, T, n, D_vis] -> [B, L, D], times `scale` (through `to_out`'s weight)."""
         q = split_heads(self.to_q(self.norm(x)), self.heads)
         k, v = self.to_kv(latents.flatten(1, 2).to(q.dtype)).chunk(2, dim=-1)
         if attn_mask is not None and attn_mask.dtype not in (q.dtype, torch.bool):
             attn_mask = attn_mask.to(q.dtype)  # SDPA takes a bias only in the queries' dtype
         out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads), attn_mask=attn_mask)
-        return self.to_out(merge_heads(out).masked_fill(~has_media, 0.0))
+        return self.to_out(merge_heads(out).masked_fill(~has_media, 0.0), scale)
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """x + tanh(attn_gate) * xattn(x) then x + tanh(ff_gate) * ff(x); gates start at 0, so the block starts as the identity."""
+    """x + tanh(attn_gate) * xattn(x) then x + tanh(ff_gate) * ff(x); gates start at 0, so the block starts as the
+    identity. Each gate scales its branch's output projection weight rather than the branch's output (the same
+    product; a [tokens, dim] pass fewer each way, and the output is not kept for the gate's gradient)."""
 
     def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
         super().__init__()
@@ -121,8 +124,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, attn_mask: Optional[torch.Tensor], has_media: torch.Tensor) -> torch.Tensor:
-        x = self.attn(x, latents, attn_mask, has_media) * self.attn_gate.tanh() + x
-        return self.ff(x) * self.ff_gate.tanh() + x
+        x = self.attn(x, latents, attn_mask, has_media, scale=self.attn_gate.tanh()) + x
+        return self.ff(x, scale=self.ff_gate.tanh()) + x
 
 
 def should_add_cross_attention(layer_index: int, every_n_layers: int) -> bool:

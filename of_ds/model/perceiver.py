@@ -7,15 +7,42 @@ no biases, pre-LayerNorms, final LayerNorm, no media-time or frame embeddings), 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def build_feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """LayerNorm -> Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim), no biases (indices 0, 1, 3 as the original)."""
-    inner = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+class ScaledLinear(nn.Linear):
+    """nn.Linear whose output can be scaled by a scalar tensor `s`. Where the output has more elements than the
+    weight, through the weight: `F.linear(x, W·s)` is `linear(x)·s` without a pass over the output, nor, in backward,
+    the two over it for the gradients of x and s, and the output is not kept for s's gradient. Elsewhere (few
+    tokens, a wide weight) the output is scaled, which is then the cheaper pass."""
+
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if scale is None:
+            return super().forward(x)
+        if x.numel() // x.shape[-1] * self.out_features <= self.weight.numel():
+            return super().forward(x) * scale
+        scale = scale.to(self.weight.dtype)
+        return F.linear(x, self.weight * scale, None if self.bias is None else self.bias * scale)
+
+
+class FeedForward(nn.Sequential):
+    """LayerNorm -> Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim), no biases (indices 0, 1, 3 as the
+    original); `scale` multiplies the output (through the last weight, `ScaledLinear`)."""
+
+    def __init__(self, dim: int, mult: int):
+        inner = int(dim * mult)
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), ScaledLinear(inner, dim, bias=False))
+
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self[3](self[2](self[1](self[0](x))), scale)
+
+
+def build_feed_forward(dim: int, mult: int) -> FeedForward:
+    return FeedForward(dim, mult)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

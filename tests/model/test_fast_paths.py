@@ -164,3 +164,25 @@ def test_chunked_loss_equals_the_one_pass_loss(tiny_tokenizer_dir, chunk):
     out = model(**batches[0])
     positions = batches[0]["input_ids"].numel()
     assert (out.logits is None) == (chunk < positions)
+
+
+@pytest.mark.parametrize("tokens", [4, 64])  # fewer outputs than weights: the output is scaled; more: the weight
+def test_scaled_linear_equals_scaling_the_output(tokens):
+    """The gates' ScaledLinear: F.linear(x, W·s) or linear(x)·s, whichever moves less, equal to linear(x)·s with the
+    same gradients for x, W and s."""
+    from of_ds.model.perceiver import ScaledLinear
+
+    torch.manual_seed(0)
+    layer = ScaledLinear(16, 8, bias=False)
+    x = torch.randn(tokens, 16, requires_grad=True)
+    s = torch.tensor([0.3], requires_grad=True)
+    grads = []
+    for fn in (lambda: layer(x, s), lambda: torch.nn.functional.linear(x, layer.weight) * s):
+        for t in (x, s, layer.weight):
+            t.grad = None
+        out = fn()
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), s.grad.clone(), layer.weight.grad.clone()))
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)  # fp32 rounding; gradients up to ~1e3
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))  # no scale: a plain Linear

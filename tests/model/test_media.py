@@ -60,10 +60,11 @@ def test_model_cross_attention_matches_brute_force(llama):
     for block, x, out in seen:
         ref = brute_force_xattn(block, x, latents, text_time, num_images)
         assert torch.allclose(out, ref, atol=ATOL)
-        # no-image tokens get only the (ungated-by-media) feed-forward: their attention part is exactly zero
+        # no-image tokens get only the (ungated-by-media) feed-forward: their attention part is zero (to fp32
+        # rounding: on fewer rows the ff gate scales the output instead of the weight)
         none = text_time == 0
         y = x[none]
-        assert torch.equal(out[none], block.ff(y) * block.ff_gate.tanh() + y)
+        torch.testing.assert_close(out[none], block.ff(y) * block.ff_gate.tanh() + y, rtol=1e-6, atol=1e-6)
 
 
 def test_text_before_first_image_is_untouched(tiny_tokenizer_dir):

@@ -303,6 +303,9 @@ def _cross_field_problems(spec: RunSpec) -> list[str]:
         p.append(f"engine.deepspeed_config: file not found: {e.deepspeed_config}")
     if e.precision.startswith("amp_") and e.kind == "deepspeed":
         pass  # DeepSpeed's torch_autocast block handles amp_*; see engines/deepspeed_config.py
+    if e.compile and "loss" in e.compile_targets and e.loss_chunk_tokens > 0:
+        p.append("engine.compile_targets: 'loss' compiles the one-pass loss, which engine.loss_chunk_tokens "
+                 f"({e.loss_chunk_tokens}) replaces; drop one of them")
     names = [d.name for d in spec.data.datasets]
     for n in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"data.datasets.{n}.name: dataset names must be unique ('{n}' appears {names.count(n)} times)")

@@ -317,6 +317,19 @@ def write_kernel_table(train_step, sync, path: str, rows: int = 40) -> None:
     Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=80))
 
 
+def _rates(text: str):
+    """--rates GEMM_TFLOPS,ATTN_TFLOPS,MEM_TBPS -> traffic.Rates."""
+    from .traffic import Rates
+
+    try:
+        values = [float(x) for x in text.split(",")]
+        if len(values) != 3 or min(values) <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three positive numbers GEMM_TFLOPS,ATTN_TFLOPS,MEM_TBPS, got '{text}'") from None
+    return Rates(*values)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True)
@@ -333,20 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count-ops", action="store_true", help="add operators dispatched and kernels run per step (one more step)")
     p.add_argument("--traffic", action="store_true",
                    help="instead of timing: count the bytes and FLOPs of one step on the meta device and project its kernel time (any machine; see engines/traffic.py)")
-    p.add_argument("--rates", default=None, metavar="GEMM_TFLOPS,ATTN_TFLOPS,MEM_TBPS",
+    p.add_argument("--rates", default=None, type=_rates, metavar="GEMM_TFLOPS,ATTN_TFLOPS,MEM_TBPS",
                    help="achieved device rates for --traffic's projection (default: fitted to the measured H200 step)")
     p.add_argument("--time-gemms", action="store_true",
                    help="with --traffic: also time each of the step's matmul shapes on this machine's device (a GPU: seconds)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if (args.time_gemms or args.rates) and not args.traffic:
+        p.error("--time-gemms and --rates go with --traffic")
     with tempfile.TemporaryDirectory() as tmp:
         spec = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp), args.skeleton)
         if args.traffic:
-            from .traffic import Rates, traffic_report
+            from .traffic import traffic_report
 
-            rates = Rates(*(float(x) for x in args.rates.split(","))) if args.rates else None
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.time_gemms else None
-            print(json.dumps(traffic_report(spec, rates, device)), flush=True)
+            print(json.dumps(traffic_report(spec, args.rates, device)), flush=True)
             return 0
         result = run_bench(spec, args.steps, args.warmup, args.peak_tflops, args.breakdown, args.trace, args.cprofile, args.count_ops)
     if int(os.environ.get("RANK", "0")) == 0:

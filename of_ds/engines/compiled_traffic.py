@@ -5,7 +5,8 @@
 (inductor generates kernels, not aten operators), so this runs real steps at the recipe's widths with fewer layers
 and rows (CPU-sized: one MMC4 row and eight LAION rows, packed) twice: eager under the traffic counter, and as one
 `torch.compile`d model with inductor's own count of the bytes each generated kernel reads and writes (its
-`count_bytes`, the number behind its bandwidth metrics; matmul and attention kernels left out). With 1 or 2 LM
+`count_bytes`, the number behind its bandwidth metrics; matmul and attention kernels left out; a forward that
+breaks into several graphs is refused, as the code between them would go uncounted). With 1 or 2 LM
 layers and 1 or 2 vision layers, the differences give each kind of layer's ratio, compiled over eager, and the rest
 (perceiver, loss, embeddings) its own; the meta count at full size, split the same way, is then scaled by them.
 nn.MultiheadAttention's fused fast path is off in both runs, as on the meta device, so that the counts compare.
@@ -95,10 +96,14 @@ def eager_and_compiled_bytes(spec) -> tuple[int, int]:
         with counter:
             step(model)
         model.zero_grad(set_to_none=True)
+        torch._dynamo.utils.counters.clear()
         with inductor_memory_bytes() as compiled:
             step(Compiled())
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
     finally:
         torch.backends.mha.set_fastpath_enabled(was)
+    if breaks:  # what runs between graphs is eager and uncounted: the comparison would be biased
+        raise RuntimeError(f"compiled_traffic: the model's forward broke into several graphs ({breaks}); counts not comparable")
     return counter.traffic.kinds["memory"].bytes, compiled[0]
 
 
@@ -126,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [f"data.datasets.{i}.batch_size={r}" for i, r in enumerate(args.rows.split(","))]
     with tempfile.TemporaryDirectory() as tmp:
         full = bench_spec(args.spec, args.overrides, args.tiny, Path(tmp) / "full")
+        if full.model.cross_attn.every_n_layers != 1:
+            raise SystemExit("compiled_traffic: needs cross-attention in every LM layer (model.cross_attn.every_n_layers 1), "
+                             "so that each LM layer counted is a FlamingoLayer with its block")
         n_lm = full.model.lm.config[_layers_key(full.model.lm.config)]
         n_vis = (full.model.vision.config or __import__("open_clip").get_model_config(full.model.vision.name))["vision_cfg"]["layers"]
         small = {}

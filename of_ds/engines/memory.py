@@ -95,7 +95,7 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
     checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward. With
     `engine.loss_chunk_tokens` the loss keeps nothing and its transient is one chunk's (10 bytes per logit); compiled
-    (`engine.compile_targets` loss) it keeps the bf16 logits, 2 bytes per logit. With
+    (`engine.compile_targets` loss) it keeps the logits in the model's dtype (2 bytes in 16-bit). With
     `engine.fuse_datasets` the transients are those of one pass over every dataset's rows.
     Calibrated on an H200 (docs/performance.md): 3B ZeRO-2, 9B ZeRO-2, 9B ZeRO-3 + checkpointing at 6x batch.
     """
@@ -124,8 +124,9 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     combine = sum if fused else max
     chunk = spec.engine.loss_chunk_tokens
     passes = [sum(logit_tokens)] if fused else logit_tokens
-    # kept for backward: eager, the fp32 log-softmax; compiled (target loss), the bf16 logits (measured on a CPU)
-    kept = 2 if spec.engine.compile and "loss" in spec.engine.compile_targets else 4
+    # kept for backward: eager, the fp32 log-softmax; compiled (target loss), the logits in the model's dtype
+    # (measured on a CPU with saved-tensor hooks)
+    kept = a if spec.engine.compile and "loss" in spec.engine.compile_targets else 4
     for tokens in passes:
         chunked = 0 < chunk < tokens  # as Flamingo.forward decides
         total += 0 if chunked else kept * tokens * dims.vocab

@@ -4,11 +4,12 @@ With the FLOPs (`of_ds.model.flops`) these are the two axes of a roofline. A GPU
 GEMM FLOPs / GEMM rate + attention FLOPs / attention rate + the other operators' bytes / memory bandwidth: every
 eager operator that is not a matmul or an attention kernel is at least one kernel that reads its inputs and writes
 its outputs, and at these sizes it is bound by memory. `tools/bench_step --traffic` prints the counts and that
-projection, which needs no GPU and no weights (about ten seconds for the 3B recipe on a CPU).
+projection, which needs no GPU and no weights (about 6 s for the 3B recipe on a CPU).
 
 What is counted: the step as the engines run it (`weighted_losses`, packed when `engine.fuse_datasets`), forward
-and backward, with every weight in the engine's dtype (DeepSpeed's bf16 layout); views are free; a broadcast input
-counts at its stored size. SDPA is counted as the GPU runs it (one fused kernel each way), not as the meta device's
+and backward (activation checkpointing's recomputation and the chunked loss included), with every weight in the
+engine's dtype (DeepSpeed's bf16 layout); views are free; a broadcast input counts at its stored size, a tensor
+given twice once; gathers (embedding, index_select, the loss's nll) count the rows they read. SDPA is counted as the GPU runs it (one fused kernel each way), not as the meta device's
 math decomposition. nn.MultiheadAttention (open_clip's ViT) takes its unfused path here; on a GPU its fused fast
 path moves a little less. The optimizer step is estimated from the trainable parameter count
 (`OPTIMIZER_BYTES_PER_TRAINABLE`). A `torch.compile`d part fuses some operators, so this is the eager step's count.
@@ -50,10 +51,10 @@ class Rates:
     memory_tbps: float
 
 
-# Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, 2026-11-27; docs/performance.md): matmuls
-# 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the remaining 181 ms of kernel time over the 378 GB
-# this module counts for that configuration.
-H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.1)
+# Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, eager MPT attention, gates on the outputs,
+# 2026-11-27; docs/performance.md): matmuls 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the
+# remaining 180 ms of its 481 ms of kernel time over the 373 GB this module counts for that configuration.
+H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.07)
 
 
 @dataclass
@@ -146,6 +147,49 @@ def kind_of(op_name: str) -> str:
     return "attention" if "attention" in op_name else "memory"
 
 
+def _tensors(tree) -> list[torch.Tensor]:
+    """The tensors of a pytree, each once (a tensor passed twice, as in sdpa(q, q, q), is read once)."""
+    seen, out = set(), []
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _written(out) -> int:
+    return sum(footprint(t) for t in _tensors(out))
+
+
+def _gather(index: torch.Tensor, out: torch.Tensor) -> int:
+    """A gather reads its indices and one output's worth of the source, and writes the output."""
+    return footprint(index) + 2 * footprint(out)
+
+
+# operators that read a part of an input, or write without reading: (args, out) -> bytes read and written
+_SPECIAL_BYTES = {
+    # reads the target and one logit a row; writes the loss (and the total weight)
+    _aten.nll_loss_forward.default: lambda a, out: footprint(a[1]) + a[1].numel() * a[0].element_size() + _written(out),
+    # reads the incoming gradient and the target, writes the logits' gradient whole; the logits are not read
+    _aten.nll_loss_backward.default: lambda a, out: footprint(a[0]) + footprint(a[2]) + _written(out),
+    _aten.embedding.default: lambda a, out: _gather(a[1], out),
+    _aten.index_select.default: lambda a, out: _gather(a[2], out),
+    _aten.copy_.default: lambda a, out: footprint(a[1]) + _written(out),  # the destination is written, not read
+    _aten.fill_.Scalar: lambda a, out: _written(out),
+    _aten.zero_.default: lambda a, out: _written(out),
+}
+_ALLOCATIONS = frozenset((_aten.empty.memory_format, _aten.empty_like.default, _aten.new_empty.default, _aten.empty_strided.default))
+
+
+def op_bytes(func, args, kwargs, out) -> int:
+    """Bytes an operator's kernel reads and writes: every input and output at its stored extent, except gathers
+    (the rows read) and in-place fills and copies (the destination written once)."""
+    special = _SPECIAL_BYTES.get(func)
+    if special is not None:
+        return special(args, out)
+    return sum(footprint(t) for t in _tensors((args, kwargs))) + _written(out)
+
+
 def footprint(t: torch.Tensor) -> int:
     """Bytes a kernel touches for `t`: its stored extent (a broadcast dimension, stride 0, counts once)."""
     if t.numel() == 0:
@@ -165,10 +209,9 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.namespace == "prim" or func.is_view or func in FREE_OPS:
+        if func.namespace == "prim" or func.is_view or func in FREE_OPS or func in _ALLOCATIONS:  # no kernel
             return out
-        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        nbytes = sum(footprint(t) for t in tensors)
+        nbytes = op_bytes(func, args, kwargs, out)
         flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) if func.overloadpacket in flop_registry else 0
         name = str(func.overloadpacket).removeprefix("aten.")
         for tally in (self.traffic.ops.setdefault(name, OpTally()), self.traffic.kinds[kind_of(name)]):
@@ -224,6 +267,8 @@ def count_step_traffic(spec) -> StepTraffic:
     model, _, _ = build_flamingo(spec.model, meta=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.engine.precision, torch.float32)
     model.to(dtype).train()
+    model.set_activation_checkpointing(spec.engine.activation_checkpointing)  # its recomputation is counted
+    model.set_loss_chunking(spec.engine.loss_chunk_tokens)
     size = model.vision_encoder.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     batches = {d.name: _meta_batch(shapes, dtype) for d, shapes in zip(spec.data.datasets, batch_shapes(spec, size))}
@@ -264,7 +309,8 @@ def traffic_report(spec, rates: Optional[Rates] = None, time_gemms_on: Optional[
     summary["projected_samples_per_s"] = round(samples / projected["total"], 1)
     if time_gemms_on is not None:
         timed = time_gemm_shapes(traffic, time_gemms_on)
-        total = projected["total"] - projected["gemm"] + timed["gemm_ms"] / 1e3
+        replayed = sum(t.flops for t in traffic.gemm_shapes.values())  # convolutions stay at the fitted rate
+        total = projected["total"] - replayed / (rates.gemm_tflops * 1e12) + timed["gemm_ms"] / 1e3
         summary["timed_gemms"] = {**timed, "projected_ms_total": round(total * 1e3, 3), "projected_samples_per_s": round(samples / total, 1)}
     summary["fuse_datasets"] = spec.engine.fuse_datasets
     summary["lm_attention"] = spec.model.lm.attention

@@ -23,7 +23,7 @@ from .vision import encode_patch_tokens
 @dataclass
 class FlamingoOutput:
     loss: Optional[torch.Tensor]
-    logits: Optional[torch.Tensor]  # None when the loss was computed in chunks (`set_loss_chunking`)
+    logits: Optional[torch.Tensor]  # None when the loss was computed in chunks or compiled (`set_loss_chunking`, target loss)
     group_losses: Optional[dict[str, torch.Tensor]] = None  # packed batches: the loss of each dataset's rows
 
 

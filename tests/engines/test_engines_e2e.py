@@ -71,6 +71,7 @@ def test_fsdp_matches_ddp(workdir, ddp):
     ("deepspeed", "zero3.json", ["engine.zero_stage=3", "engine.activation_checkpointing=true"]),
     ("torchrun", None, ["engine.kind=ddp"]),
     ("deepspeed", "zero2.json", ["engine.compile=true", "engine.compile_targets=[loss]"]),
+    ("deepspeed", "zero3.json", ["engine.zero_stage=3", "engine.compile=true", "engine.compile_targets=[loss]"]),
 ])
 def test_one_pass_for_both_datasets_matches_separate_passes(workdir, ddp, how, config, sets):
     """engine.fuse_datasets: LAION rows packed into MMC4-length rows, one model pass; same losses per dataset. Also

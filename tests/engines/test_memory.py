@@ -97,6 +97,15 @@ def test_compiled_loss_keeps_bf16_logits(tmp_path):
     assert (estimate(DIMS, s, 1, 2).activations_gib - compiled.activations_gib) * GiB == pytest.approx(2 * positions * DIMS.vocab, rel=1e-6)
 
 
+def test_compiled_loss_and_chunked_loss_exclude_each_other(tmp_path):
+    from of_ds.spec import SpecError
+
+    d = recipe_spec(tmp_path).to_dict()
+    d["engine"].update(compile=True, compile_targets=["loss"], loss_chunk_tokens=4096)
+    with pytest.raises(SpecError, match="engine.compile_targets: 'loss' compiles the one-pass loss, which engine.loss_chunk_tokens"):
+        RunSpec.from_dict(d)
+
+
 def test_one_pass_for_both_datasets_adds_up_the_transients(tmp_path):
     """engine.fuse_datasets: one pass's logit gradients cover both datasets' rows, and every row's cross-attention
     scores 8 image slots (LAION's 8 packed rows) instead of 6 (MMC4) or 1 (LAION)."""

@@ -11,8 +11,8 @@ and backward (activation checkpointing's recomputation and the chunked loss incl
 engine's dtype (DeepSpeed's bf16 layout); views are free; a broadcast input counts at its stored size, a tensor
 given twice once; gathers (embedding, index_select, the loss's nll) count the rows they read. SDPA is counted as the GPU runs it (one fused kernel each way), not as the meta device's
 math decomposition. nn.MultiheadAttention (open_clip's ViT) takes its unfused path here; on a GPU its fused fast
-path moves a little less. The optimizer step is estimated from the trainable parameter count
-(`OPTIMIZER_BYTES_PER_TRAINABLE`). A `torch.compile`d part fuses some operators, so this is the eager step's count.
+path moves a little less. The optimizer step, which needs DeepSpeed and real tensors, is its bytes per trainable
+parameter counted on a small CPU run (`OPTIMIZER_BYTES_PER_TRAINABLE`) times the count. A `torch.compile`d part fuses some operators, so this is the eager step's count.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ FREE_OPS = frozenset((_aten.detach.default, _aten._unsafe_view.default, _aten.al
 TIMED_GEMMS = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}  # what `time_gemm_shapes` can replay
 # which model part a forward operator belongs to, by the innermost module path it runs under
 PART_KEYS = (("gated_cross_attn_layer", "cross_attn"), ("decoder_layer", "lm_layers"), ("perceiver", "perceiver"), ("vision_encoder", "vision"))
-# DeepSpeed ZeRO-1/2 bf16 per trainable parameter: the bf16 gradient read and its fp32 copy written (2 + 4), the
-# norm's read (4), AdamW reading fp32 weight, m, v and gradient (16) and writing weight, m, v (12), the bf16 weight
-# written back (2)
-OPTIMIZER_BYTES_PER_TRAINABLE = 40
+# DeepSpeed ZeRO-1/2 bf16 per trainable parameter, as counted (this module's counter) over the optimizer step of a
+# 1-rank CPU run with the device-side skip: fused AdamW reading fp32 weight, gradient, m and v and writing weight, m
+# and v (28), the clip's scaling (8), the bf16 gradient to fp32 (6), the fp32 weight back to bf16 (6), the flat
+# gradient buffer (4), the norm (2)
+OPTIMIZER_BYTES_PER_TRAINABLE = 54
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Rates:
 # Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, eager MPT attention, gates on the outputs,
 # 2026-11-27; docs/performance.md): matmuls 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the
 # remaining 180 ms of its 481 ms of kernel time over the 373 GB this module counts for that configuration.
-H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.07)
+H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.14)
 
 
 @dataclass
@@ -187,7 +188,19 @@ def op_bytes(func, args, kwargs, out) -> int:
     special = _SPECIAL_BYTES.get(func)
     if special is not None:
         return special(args, out)
-    return sum(footprint(t) for t in _tensors((args, kwargs))) + _written(out)
+    written = _written(out)
+    if not written:  # an in-place operator that returns nothing (the foreach and fused optimizer ones) writes its mutable arguments
+        written = _written(_mutated(func, args, kwargs))
+    return sum(footprint(t) for t in _tensors((args, kwargs))) + written
+
+
+def _mutated(func, args, kwargs) -> list:
+    """The arguments `func`'s schema marks as written."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            out.append(args[i] if i < len(args) else kwargs.get(arg.name))
+    return out
 
 
 def footprint(t: torch.Tensor) -> int:

@@ -55,6 +55,7 @@ def test_gathers_fills_copies_and_repeated_inputs_count_what_they_touch():
         dst.zero_()
         x = torch.empty(64, 32, device="meta")
         torch.add(x, x)
+        torch._foreach_mul_([x], 2.0)  # in place, returns nothing: its argument is read and written
     ops = counter.traffic.ops
     assert ops["nll_loss_forward"].bytes == 64 * 8 + 64 * 4 + 2 * 4  # the targets, one logit a row, loss and weight
     assert ops["nll_loss_backward"].bytes == 4 + 64 * 8 + 64 * 1000 * 4  # the logits are not read, their gradient written
@@ -62,6 +63,21 @@ def test_gathers_fills_copies_and_repeated_inputs_count_what_they_touch():
     assert ops["copy_"].bytes == 64 * 32 * (2 + 4) and ops["zero_"].bytes == 64 * 32 * 4
     assert ops["add"].bytes == 2 * 64 * 32 * 4  # x given twice is read once
     assert "empty" not in ops
+    assert ops["_foreach_mul_"].bytes == 2 * 64 * 32 * 4
+
+
+@pytest.mark.slow
+def test_the_optimizer_figure_is_what_a_deepspeed_step_moves():
+    """OPTIMIZER_BYTES_PER_TRAINABLE against the count of a real DeepSpeed ZeRO-2 bf16 step (1 CPU rank)."""
+    from engines_launch import env
+
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "engines" / "traffic_optimizer_driver.py")],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "_fused_adamw_" in report["ops"]  # the engine's fused AdamW, as on a GPU
+    # the schema counts the gradients as written too (fused AdamW may unscale them in place): 4 bytes over
+    assert OPTIMIZER_BYTES_PER_TRAINABLE <= report["bytes_per_trainable"] <= OPTIMIZER_BYTES_PER_TRAINABLE + 5
 
 
 def test_sdpa_counts_as_one_fused_kernel_each_way():

@@ -122,6 +122,8 @@ def _layers_key(config: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import open_clip
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("compiled_traffic: needs cross-attention in every LM layer (model.cross_attn.every_n_layers 1), "
                              "so that each LM layer counted is a FlamingoLayer with its block")
         n_lm = full.model.lm.config[_layers_key(full.model.lm.config)]
-        n_vis = (full.model.vision.config or __import__("open_clip").get_model_config(full.model.vision.name))["vision_cfg"]["layers"]
+        n_vis = (full.model.vision.config or open_clip.get_model_config(full.model.vision.name))["vision_cfg"]["layers"]
         small = {}
         for lm, vis in ((1, 1), (2, 1), (1, 2)):
             spec = bench_spec(args.spec, args.overrides + layer_sets(full, lm, vis) + rows + ["model.perceiver.depth=1"], args.tiny, Path(tmp) / f"{lm}{vis}")

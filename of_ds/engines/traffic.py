@@ -9,10 +9,12 @@ projection, which needs no GPU and no weights (about 6 s for the 3B recipe on a 
 What is counted: the step as the engines run it (`weighted_losses`, packed when `engine.fuse_datasets`), forward
 and backward (activation checkpointing's recomputation and the chunked loss included), with every weight in the
 engine's dtype (DeepSpeed's bf16 layout); views are free; a broadcast input counts at its stored size, a tensor
-given twice once; gathers (embedding, index_select, the loss's nll) count the rows they read. SDPA is counted as the GPU runs it (one fused kernel each way), not as the meta device's
-math decomposition. nn.MultiheadAttention (open_clip's ViT) takes its unfused path here; on a GPU its fused fast
-path moves a little less. The optimizer step, which needs DeepSpeed and real tensors, is its bytes per trainable
-parameter counted on a small CPU run (`OPTIMIZER_BYTES_PER_TRAINABLE`) times the count. A `torch.compile`d part fuses some operators, so this is the eager step's count.
+given twice once; gathers (embedding, index_select, the loss's nll) count the rows they read. SDPA is counted as
+the GPU runs it (one fused kernel each way), not as the meta device's math decomposition. nn.MultiheadAttention
+(open_clip's ViT) takes its unfused path here; on a GPU its fused fast path moves a little less. The optimizer
+step, which needs DeepSpeed and real tensors, is its bytes per trainable parameter counted on a small CPU run
+(`OPTIMIZER_BYTES_PER_TRAINABLE`) times the count. A `torch.compile`d part fuses some operators: this is the eager
+step's count (`tools/compiled_traffic` measures what compiling removes).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
 _aten = torch.ops.aten
-GEMM_OPS = frozenset(p.overloadpacket for p in (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.convolution.default, _aten.convolution_backward.default))
+GEMM_OPS = frozenset(p.overloadpacket for p in (
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.convolution.default,
+    _aten.convolution_backward.default))
+_GEMM_NAMES = frozenset(str(p).removeprefix("aten.") for p in GEMM_OPS)
 FREE_OPS = frozenset((_aten.detach.default, _aten._unsafe_view.default, _aten.alias.default, _aten.lift_fresh.default))
 TIMED_GEMMS = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}  # what `time_gemm_shapes` can replay
 # which model part a forward operator belongs to, by the innermost module path it runs under
@@ -54,7 +59,7 @@ class Rates:
 
 # Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, eager MPT attention, gates on the outputs,
 # 2026-11-27; docs/performance.md): matmuls 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the
-# remaining 180 ms of its 481 ms of kernel time over the 373 GB this module counts for that configuration.
+# remaining 180 ms of its 481 ms of kernel time over the 386 GB this module counts for that configuration.
 H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.14)
 
 
@@ -143,7 +148,7 @@ def _random_like(dims: tuple, transposed: bool, device, dtype) -> torch.Tensor:
 
 def kind_of(op_name: str) -> str:
     """gemm, attention (fused SDPA kernels) or memory (everything else)."""
-    if op_name in {str(p).removeprefix("aten.") for p in GEMM_OPS}:
+    if op_name in _GEMM_NAMES:
         return "gemm"
     return "attention" if "attention" in op_name else "memory"
 
@@ -189,7 +194,7 @@ def op_bytes(func, args, kwargs, out) -> int:
     if special is not None:
         return special(args, out)
     written = _written(out)
-    if not written:  # an in-place operator that returns nothing (the foreach and fused optimizer ones) writes its mutable arguments
+    if not written:  # an in-place operator that returns nothing (foreach, fused optimizers) writes its mutable arguments
         written = _written(_mutated(func, args, kwargs))
     return sum(footprint(t) for t in _tensors((args, kwargs))) + written
 
@@ -227,11 +232,12 @@ class TrafficCounter(TorchDispatchMode):
         nbytes = op_bytes(func, args, kwargs, out)
         flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) if func.overloadpacket in flop_registry else 0
         name = str(func.overloadpacket).removeprefix("aten.")
-        for tally in (self.traffic.ops.setdefault(name, OpTally()), self.traffic.kinds[kind_of(name)]):
+        kind = kind_of(name)
+        for tally in (self.traffic.ops.setdefault(name, OpTally()), self.traffic.kinds[kind]):
             tally.calls += 1
             tally.bytes += nbytes
             tally.flops += flops
-        if kind_of(name) == "memory" and not self.tracker.is_bw:
+        if kind == "memory" and not self.tracker.is_bw:
             self.traffic.forward_memory_bytes[self._part()] += nbytes
         if name in TIMED_GEMMS:
             inputs = [a for a in args if isinstance(a, torch.Tensor)]

@@ -120,6 +120,7 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
     `trace` writes a torch.profiler operator table of one more step to that file, `cprofile` a host profile."""
     from ..model import build_flamingo, count_parameters
     from ..model.flops import count_step_flops, forward_flops_by_part
+    from ..model.vision import tower_image_size
     from ..runtime import build_runtime
     from ..train.metrics import device_peak_tflops
     from ..train.session import batch_shapes, seed_everything
@@ -132,8 +133,7 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
         ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
     seed_everything(spec.run.seed)
     meta, _, _ = build_flamingo(spec.model, meta=True)
-    size = meta.vision_encoder.image_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    size = tower_image_size(meta)
     flops = count_step_flops(meta, batch_shapes(spec, size)) * spec.optim.grad_accum_steps
     fwd_parts = forward_flops_by_part(meta, batch_shapes(spec, size)) if breakdown else None
     del meta

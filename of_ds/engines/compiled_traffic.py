@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from .bench_step import bench_spec, random_batches
-from .traffic import H200_MEASURED, TrafficCounter, count_step_traffic
+from .traffic import H200_MEASURED, TrafficCounter, count_step_traffic, weight_dtype
 
 MM_KINDS = ("mm", "attention", "convolution")
 
@@ -68,14 +68,14 @@ def eager_and_compiled_bytes(spec) -> tuple[int, int]:
     """Memory-bound bytes of one training step of `spec`'s model (built for real on the CPU): eager, counted per
     aten operator, and compiled (the whole model under torch.compile), counted by inductor."""
     from ..model import build_flamingo
+    from ..model.vision import tower_image_size
     from .base import fused_row_lengths, weighted_losses
 
     torch.manual_seed(0)
     model, _, _ = build_flamingo(spec.model)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.engine.precision, torch.float32)
+    dtype = weight_dtype(spec.engine.precision)
     model.to(dtype).train()
-    size = model.vision_encoder.image_size
-    batches = random_batches(spec, model, int(size[0] if isinstance(size, (tuple, list)) else size), torch.Generator().manual_seed(0))
+    batches = random_batches(spec, model, tower_image_size(model), torch.Generator().manual_seed(0))
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
     fuse = fused_row_lengths(model, spec)
 

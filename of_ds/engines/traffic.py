@@ -277,20 +277,25 @@ def fused_attention_kernels() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
+def weight_dtype(precision: str) -> torch.dtype:
+    """Every weight's dtype in DeepSpeed's layout for `engine.precision` (16-bit throughout, or fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def count_step_traffic(spec) -> StepTraffic:
     """Build `spec`'s model on the meta device and count one training step (one micro-batch per dataset)."""
     from ..model import build_flamingo, count_parameters
+    from ..model.vision import tower_image_size
     from ..train.session import batch_shapes
     from .base import fused_row_lengths, weighted_losses
 
     model, _, _ = build_flamingo(spec.model, meta=True)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.engine.precision, torch.float32)
+    dtype = weight_dtype(spec.engine.precision)
     model.to(dtype).train()
     model.set_activation_checkpointing(spec.engine.activation_checkpointing)  # its recomputation is counted
     model.set_loss_chunking(spec.engine.loss_chunk_tokens)
-    size = model.vision_encoder.image_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    batches = {d.name: _meta_batch(shapes, dtype) for d, shapes in zip(spec.data.datasets, batch_shapes(spec, size))}
+    shapes = batch_shapes(spec, tower_image_size(model))
+    batches = {d.name: _meta_batch(s, dtype) for d, s in zip(spec.data.datasets, shapes)}
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
     counter = TrafficCounter()
     try:

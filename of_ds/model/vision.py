@@ -85,6 +85,12 @@ def image_processor_config(model: nn.Module) -> ImageProcessorConfig:
     return ImageProcessorConfig(size, tuple(pp["mean"]), tuple(pp["std"]), pp["interpolation"], pp["resize_mode"])
 
 
+def tower_image_size(model: nn.Module) -> int:
+    """The square input size of a Flamingo's vision encoder (or of an open_clip visual tower)."""
+    size = getattr(model, "vision_encoder", model).image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def encode_patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] -> [N, v, D] patch tokens, without autograd (the tower is frozen)."""
     with torch.no_grad():

@@ -64,10 +64,10 @@ def step_flops(spec: RunSpec) -> Optional[float]:
         from ..model import build_flamingo
         from ..model.flops import count_step_flops
 
+        from ..model.vision import tower_image_size
+
         meta, _, _ = build_flamingo(spec.model, meta=True)
-        size = meta.vision_encoder.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return float(count_step_flops(meta, batch_shapes(spec, int(size))))
+        return float(count_step_flops(meta, batch_shapes(spec, tower_image_size(meta))))
     except Exception as e:  # noqa: BLE001 - the estimate is optional; say why it is missing
         print(f"[of_ds] FLOP count unavailable ({type(e).__name__}: {e}); MFU will not be logged", flush=True)
         return None

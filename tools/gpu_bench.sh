@@ -61,6 +61,8 @@ run_variant() {
     3b_z2_fused_compile) bench 3b_z2_fused_compile 180 $S3 "${STEPS[@]}" --set engine.fuse_datasets=true "${COMPILE[@]}" ;;
     3b_z2_fused_autotune) # Triton matmul templates timed against cuBLAS per shape; a winning template fuses its GELU/bias
       bench 3b_z2_fused_autotune 420 $S3 "${STEPS[@]}" --set engine.fuse_datasets=true "${COMPILE[@]}" --set engine.compile_mode=max-autotune-no-cudagraphs ;;
+    3b_z2_fused_cublaslt) # every matmul through cuBLASLt (torch's default sends those without a bias to cuBLAS)
+      TORCH_BLAS_PREFER_CUBLASLT=1 bench 3b_z2_fused_cublaslt 120 $S3 "${STEPS[@]}" --set engine.fuse_datasets=true ;;
     3b_z2_compile) bench 3b_z2_compile 180 $S3 "${STEPS[@]}" "${COMPILE[@]}" \
       || bench 3b_z2_compile_xattn 150 $S3 "${STEPS[@]}" --set engine.compile=true --set "engine.compile_targets=[cross_attn, perceiver]" ;;
     3b_z2_host) bench 3b_z2_host 100 $S3 "${STEPS[@]}" --cprofile "$out/host_3b_z2.txt" ;;
@@ -77,7 +79,7 @@ run_variant() {
           $(batch $((32 * k)) $((64 * k))) && break
       done ;;
     3b_loop) loop 3b_loop 300 $S3 ;;
-    traffic) # bytes/FLOPs counted on the meta device, every matmul shape timed on the GPU: per-shape TFLOP/s
+    traffic) # bytes/FLOPs counted on the meta device, every matmul shape timed on the GPU under cuBLAS and cuBLASLt
       bench traffic_3b 90 $S3 --traffic --time-gemms --set engine.fuse_datasets=true
       bench traffic_9b 90 $S9 --traffic --time-gemms --set engine.fuse_datasets=true ;;
     *) echo "unknown variant $1" >&2; return 2 ;;

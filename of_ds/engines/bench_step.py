@@ -190,6 +190,7 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
     mem = torch.cuda.max_memory_allocated() / 2**30 if runtime.device.type == "cuda" else None
     return {
         "device": torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu",
+        **({"blas": torch.backends.cuda.preferred_blas_library().name.lower()} if runtime.device.type == "cuda" else {}),
         "engine": spec.engine.kind, "zero_stage": spec.engine.zero_stage if spec.engine.kind == "deepspeed" else None,
         "precision": spec.engine.precision, "activation_checkpointing": spec.engine.activation_checkpointing,
         "lm_attention": spec.model.lm.attention, "device_skip": getattr(engine, "device_skip", None),

@@ -36,6 +36,7 @@ class ModelDims:
     vis_layers: int
     latents: int
     perceiver_depth: int
+    xattn_gated_in: tuple[int, int]  # in-features of a block's two output projections, whose results the gates scale
 
 
 @dataclass
@@ -73,6 +74,7 @@ def model_dims(model, spec) -> ModelDims:
     from ..model import count_parameters
 
     counts = count_parameters(model)
+    xa = spec.model.cross_attn
     vcfg = open_clip.get_model_config(spec.model.vision.name)["vision_cfg"]
     size = vcfg.get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
@@ -82,6 +84,7 @@ def model_dims(model, spec) -> ModelDims:
         xattn_heads=spec.model.cross_attn.heads, vocab=model.new_tokens.vocab_size, vis_dim=model.vis_dim,
         vis_tokens=(size // vcfg["patch_size"]) ** 2 + 1, vis_layers=vcfg["layers"],
         latents=spec.model.perceiver.num_latents, perceiver_depth=spec.model.perceiver.depth,
+        xattn_gated_in=(xa.heads * xa.dim_head, xa.ff_mult * model.lang_dim),
     )
 
 
@@ -90,7 +93,8 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
 
     Saved for backward, per dataset: frozen decoder layers 20 bytes per s·b·h in 16-bit (norm inputs, q/k/v, the
     MLP's activation input: no matmul inputs, their weights take no gradient), trainable cross-attention blocks
-    Korthikanti's 34 plus the keys/values; the fp32 log-softmax of the loss (4 bytes per logit); per perceiver layer
+    Korthikanti's 34 less the two gated outputs, plus what each gate keeps instead (`ScaledLinear`: its scaled
+    weight, or where that is larger, its output again), plus the keys/values; the fp32 log-softmax of the loss (4 bytes per logit); per perceiver layer
     and image the concat(media, latents) and its keys/values, 2·(v+n)·D, and a block's 17·n·D for the latents.
     Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
     checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward. With
@@ -110,7 +114,8 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
         b, t = d.batch_size, 1 if d.kind == "laion" else d.max_images
         sbh = rows * L * dims.lm_dim
         frozen_layer = 20 * per * sbh
-        xattn = 34 * per * sbh + 2 * a * rows * dims.xattn_heads * L * slots * dims.latents
+        gated = a * dims.lm_dim * sum(min(rows * L, k) for k in dims.xattn_gated_in)  # scaled weight or output
+        xattn = 30 * per * sbh + gated + 2 * a * rows * dims.xattn_heads * L * slots * dims.latents
         if checkpointing:
             lm = dims.lm_layers * a * sbh  # each FlamingoLayer's input
             layer_t.append(frozen_layer + xattn)

@@ -107,36 +107,61 @@ class StepTraffic:
         }
 
 
-def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 10) -> dict:
+def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
+                     compare_blas: Optional[bool] = None) -> dict:
     """Replay each of the step's matmul shapes (same operator, shapes and transposed inputs) on `device` with random
     values and time it: the achieved TFLOP/s per shape, and the step's matmul time from those instead of one fitted
-    rate. Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
+    rate. On a GPU each shape is timed under both of torch's BLAS libraries (cuBLAS, torch's default for matmuls
+    without a bias, and cuBLASLt, which it uses for those with one; `TORCH_BLAS_PREFER_CUBLASLT=1` makes it the
+    default for all): `ms_by_blas` per shape and `gemm_ms_by_blas` for the step (`compare_blas`, default on a GPU).
+    Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
     cuda = device.type == "cuda"
-    shapes, total_s = [], 0.0
-    for (name, dims, transposed), tally in sorted(traffic.gemm_shapes.items(), key=lambda kv: -kv[1].flops):
-        inputs = [_random_like(d, t, device, dtype) for d, t in zip(dims, transposed)]
-        op = TIMED_GEMMS[name]
-        for _ in range(2):
-            op(*inputs)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            t0 = time.perf_counter()
+    compare = cuda if compare_blas is None else compare_blas
+    in_effect = torch.backends.cuda.preferred_blas_library().name.lower() if compare else device.type
+    libraries = [in_effect] + [b for b in ("cublas", "cublaslt") if b != in_effect] if compare else [in_effect]
+    shapes, totals = [], dict.fromkeys(libraries, 0.0)
+    try:
+        for (name, dims, transposed), tally in sorted(traffic.gemm_shapes.items(), key=lambda kv: -kv[1].flops):
+            inputs = [_random_like(d, t, device, dtype) for d, t in zip(dims, transposed)]
+            seconds = {}
+            for library in libraries:
+                if compare:
+                    torch.backends.cuda.preferred_blas_library(library)
+                seconds[library] = _time_op(TIMED_GEMMS[name], inputs, repeats, cuda)
+                totals[library] += seconds[library] * tally.calls
+            own = seconds[in_effect]
+            row = {"op": name, "shapes": dims, "transposed": transposed, "calls": tally.calls, "tflop": round(tally.flops / 1e12, 3),
+                   "ms_per_call": round(own * 1e3, 5), "tflops": round(tally.flops / tally.calls / own / 1e12, 1)}
+            if compare:
+                row["ms_by_blas"] = {k: round(v * 1e3, 5) for k, v in seconds.items()}
+            shapes.append(row)
+            del inputs
+    finally:
+        if compare:
+            torch.backends.cuda.preferred_blas_library(in_effect)
+    out = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "blas": in_effect,
+           "gemm_ms": round(totals[in_effect] * 1e3, 2), "shapes": shapes}
+    if compare:
+        out["gemm_ms_by_blas"] = {k: round(v * 1e3, 2) for k, v in totals.items()}
+    return out
+
+
+def _time_op(op, inputs: list[torch.Tensor], repeats: int, cuda: bool) -> float:
+    """Seconds per call of `op(*inputs)`, after two untimed calls."""
+    for _ in range(2):
+        op(*inputs)
+    if not cuda:
+        t0 = time.perf_counter()
         for _ in range(repeats):
             op(*inputs)
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) / 1e3 / repeats
-        else:
-            seconds = (time.perf_counter() - t0) / repeats
-        total_s += seconds * tally.calls
-        shapes.append({"op": name, "shapes": dims, "transposed": transposed, "calls": tally.calls,
-                       "tflop": round(tally.flops / 1e12, 3), "ms_per_call": round(seconds * 1e3, 5),
-                       "tflops": round(tally.flops / tally.calls / seconds / 1e12, 1)})
-        del inputs
-    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "gemm_ms": round(total_s * 1e3, 2), "shapes": shapes}
+        return (time.perf_counter() - t0) / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        op(*inputs)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def _random_like(dims: tuple, transposed: bool, device, dtype) -> torch.Tensor:
@@ -334,8 +359,11 @@ def traffic_report(spec, rates: Optional[Rates] = None, time_gemms_on: Optional[
     if time_gemms_on is not None:
         timed = time_gemm_shapes(traffic, time_gemms_on)
         replayed = sum(t.flops for t in traffic.gemm_shapes.values())  # convolutions stay at the fitted rate
-        total = projected["total"] - replayed / (rates.gemm_tflops * 1e12) + timed["gemm_ms"] / 1e3
+        rest = projected["total"] - replayed / (rates.gemm_tflops * 1e12)
+        total = rest + timed["gemm_ms"] / 1e3
         summary["timed_gemms"] = {**timed, "projected_ms_total": round(total * 1e3, 3), "projected_samples_per_s": round(samples / total, 1)}
+        if "gemm_ms_by_blas" in timed:
+            summary["timed_gemms"]["projected_ms_total_by_blas"] = {k: round(rest * 1e3 + ms, 3) for k, ms in timed["gemm_ms_by_blas"].items()}
     summary["fuse_datasets"] = spec.engine.fuse_datasets
     summary["lm_attention"] = spec.model.lm.attention
     return summary

@@ -10,7 +10,8 @@ from of_ds.spec import RunSpec
 
 # roughly the 3B recipe: 2.56 B parameters, 1.05 B trainable, MPT-1B LM, ViT-L-14
 DIMS = ModelDims(total_params=2_559_000_000, trainable_params=1_047_000_000, lm_dim=2048, lm_layers=24, xattn_blocks=24,
-                 xattn_heads=8, vocab=50280, vis_dim=1024, vis_tokens=257, vis_layers=24, latents=64, perceiver_depth=6)
+                 xattn_heads=8, vocab=50280, vis_dim=1024, vis_tokens=257, vis_layers=24, latents=64, perceiver_depth=6,
+                 xattn_gated_in=(512, 4 * 2048))
 
 
 def recipe_spec(tmp_path, precision="bf16") -> RunSpec:

@@ -144,6 +144,7 @@ def test_every_matmul_shape_is_replayed_and_timed(tmp_path):
     assert any(any(s["transposed"]) for s in timed["shapes"])  # weights enter F.linear transposed
     assert timed["gemm_ms"] > 0 and all(s["ms_per_call"] > 0 for s in timed["shapes"])
     replayed = sum(t.flops for t in traffic.gemm_shapes.values())
+    assert timed["blas"] == "cpu" and "gemm_ms_by_blas" not in timed
     convolutions = traffic.ops["convolution"].flops + traffic.ops["convolution_backward"].flops if "convolution_backward" in traffic.ops else traffic.ops["convolution"].flops
     assert replayed + convolutions == traffic.kinds["gemm"].flops > 0
 
@@ -163,3 +164,20 @@ def test_compiled_traffic_measures_each_kind_of_layer(capsys):
     assert all(e > 0 for e in eager) and all(c > 0 for c in compiled)
     assert report["compiled_over_eager"]["rest"] < 1 and compiled[0] < eager[0]  # at least the loss fuses
     assert report["projected_step_ms"]["compiled"] <= report["projected_step_ms"]["eager"]
+
+
+def test_the_replay_times_each_blas_library_and_restores_the_one_in_effect(tmp_path):
+    """On a GPU, each shape runs under cuBLAS and cuBLASLt (`torch.backends.cuda.preferred_blas_library`). The
+    setting is global, so a CPU exercises the bookkeeping: the library in effect first, both totals, and the setting
+    as it was afterwards."""
+    traffic = count_step_traffic(bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), TINY_MPT, True, tmp_path))
+    before = torch.backends.cuda.preferred_blas_library()
+    timed = time_gemm_shapes(traffic, torch.device("cpu"), torch.float32, repeats=1, compare_blas=True)
+    assert torch.backends.cuda.preferred_blas_library() == before
+    assert timed["blas"] == before.name.lower() and set(timed["gemm_ms_by_blas"]) == {"cublas", "cublaslt"}
+    assert timed["gemm_ms"] == timed["gemm_ms_by_blas"][timed["blas"]]
+    for shape in timed["shapes"]:
+        assert list(shape["ms_by_blas"])[0] == timed["blas"] and shape["ms_per_call"] == shape["ms_by_blas"][timed["blas"]]
+    per_library = {k: sum(s["ms_by_blas"][k] * s["calls"] for s in timed["shapes"]) for k in ("cublas", "cublaslt")}
+    for k, total in per_library.items():
+        assert total == pytest.approx(timed["gemm_ms_by_blas"][k], rel=1e-3, abs=0.05)

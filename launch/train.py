@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from of_ds.train.metrics import Metrics
 
     runtime = build_runtime(spec.engine)
-    maybe_start_watchdog(spec, runtime)  # multi-node: name a dead rank and exit in bounded time
+    watchdog = maybe_start_watchdog(spec, runtime)  # multi-node: name a dead rank and exit in bounded time
     ds_config = None
     if spec.engine.kind == "deepspeed":
         ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
@@ -50,6 +50,9 @@ def main(argv=None) -> int:
         metrics.close()
     if runtime.is_main:
         print(session.summary(spec, run_dir, checkpoints, state), flush=True)
+    if watchdog is not None:
+        watchdog.stop()  # before the barrier: no rank's watchdog outlives the store it beats into
+    runtime.shutdown()
     return 0
 
 

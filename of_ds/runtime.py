@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -40,6 +41,18 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def shutdown(self) -> None:
+        """The end of a run: wait for every rank, then tear the process group down (NCCL warns at exit when a
+        process leaves it up, and a rank leaving early would take rank 0's rendezvous store from the others)."""
+        if not self.distributed:
+            return
+        dist.barrier()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and ds_comm.cdb is not None:
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups (stale for a later group)
+        else:
+            dist.destroy_process_group()
 
     def heartbeat(self, step: int) -> None:
         """Per-step liveness hook for the multi-node watchdog; a no-op until one is installed."""

@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     resume_path = session.find_resume_point(spec, checkpoints)
     if resume_path is not None and resume_path.is_file():
         session.load_original_checkpoint(model, resume_path)
+    universal = session.universal_resume(resume_path, spec, ds_config, runtime)  # ZeRO saved by another number of ranks
     engine = build_engine(model, spec, runtime, total_steps, ds_config)
-    state = session.resume(engine, data, checkpoints, resume_path, spec, runtime)
+    state = session.resume(engine, data, checkpoints, resume_path, spec, runtime, universal)
     metrics = Metrics(spec, runtime, run_dir, total_steps, session.step_flops(spec) if runtime.device.type == "cuda" else None)
     try:
         state = train_loop(engine, data, spec, runtime, checkpoints, metrics, state, total_steps)

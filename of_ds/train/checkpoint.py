@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ from ..runtime import Runtime
 from ..spec import RunSpec
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # RUN_DIR/universal/step-N: a ZeRO checkpoint converted to DeepSpeed's universal format
 
 
 class CheckpointError(RuntimeError):
@@ -89,6 +92,48 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def needs_universal(path: Path, zero_stage: int, world_size: int) -> bool:
+    """Whether resuming DeepSpeed checkpoint `path` under ZeRO stage `zero_stage` with `world_size` ranks needs
+    DeepSpeed's universal format: its ZeRO partitions (stage >= 1) were saved by another world size. Raises
+    CheckpointError for a change between ZeRO-3 and ZeRO-1/2, which DeepSpeed loads in neither format."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    saved_stage = meta.get("zero_stage") or 0
+    if meta.get("engine") != "deepspeed" or saved_stage < 1 or zero_stage < 1:
+        return False
+    if (saved_stage == 3) != (zero_stage == 3):
+        raise CheckpointError(
+            f"{path} was saved under ZeRO stage {saved_stage} and this run uses stage {zero_stage}: DeepSpeed loads "
+            f"ZeRO-3 partitions only into ZeRO-3 and ZeRO-1/2 ones only into ZeRO-1/2. Resume with "
+            f"engine.zero_stage={saved_stage} (and its ds_configs file), or export the weights (tools/export_checkpoint) "
+            f"and start from them with checkpoint.resume_from=<export> and checkpoint.load_weights_only=true."
+        )
+    return meta["world_size"] != world_size
+
+
+def convert_to_universal(path: Path, out: Path, runtime: Runtime) -> Path:
+    """Collective: rank 0 converts ZeRO checkpoint `path` to DeepSpeed's universal format at `out` with DeepSpeed's
+    `ds_to_universal` (once: `out/COMPLETE` marks a finished conversion; its output goes to `out.log`). Raises
+    CheckpointError on every rank when it fails."""
+    path, out = Path(path), Path(out)
+    log = out.with_name(out.name + ".log")
+    failed = False
+    if runtime.is_main and not is_complete(out):
+        shutil.rmtree(out, ignore_errors=True)  # a conversion a crash interrupted
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[of_ds] {path}: saved by another number of ranks; converting it to DeepSpeed's universal format in "
+              f"{out}", flush=True)
+        # --inject_missing_state: only Megatron-style trainers record the universal_checkpoint_info it asserts on
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(out), "--inject_missing_state"]
+        with open(log, "w") as sink:
+            failed = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT).returncode != 0
+        if not failed:
+            _write_atomic(out / COMPLETE, f"{path}\n")
+    if bool(runtime.any_rank(torch.tensor(failed))):
+        raise CheckpointError(f"{path}: DeepSpeed's ds_to_universal could not convert it (its output: {log})")
+    return out
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int, every_n_steps: int, runtime: Runtime):
         self.root = Path(run_dir) / "checkpoints"
@@ -139,20 +184,21 @@ class CheckpointManager:
             if p.is_dir() and not is_complete(p):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, path: Path, *, weights_only: bool = False) -> tuple[TrainState, Optional[dict]]:
-        """Collective. -> (train state, this rank's rank_state or None when positions cannot carry over)."""
+    def load(self, engine, path: Path, *, weights_only: bool = False, universal: Optional[Path] = None) -> tuple[TrainState, Optional[dict]]:
+        """Collective. -> (train state, this rank's rank_state or None when positions cannot carry over). With
+        `universal` (`convert_to_universal` of `path`; the engine built to load it) the engine state comes from there."""
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
         meta = json.loads((path / "meta.json").read_text())
         saved_world, world = meta["world_size"], self.runtime.world_size
-        if saved_world != world and not getattr(engine, "can_reshape", False):
+        if saved_world != world and universal is None and not getattr(engine, "can_reshape", False):
             raise CheckpointError(
                 f"{path} was written by {saved_world} ranks but this run has {world}; {meta['engine']} "
-                f"(ZeRO stage {meta.get('zero_stage')}) partitions cannot be reshaped here. Resume with {saved_world} "
-                f"ranks, or convert it with DeepSpeed's ds_to_universal.py and load it as a universal checkpoint."
+                f"(ZeRO stage {meta.get('zero_stage')}) partitions cannot be reshaped by this engine. Resume with "
+                f"{saved_world} ranks, or under DeepSpeed ZeRO 1-3, which converts it to DeepSpeed's universal format."
             )
-        client_state = engine.load(path, weights_only=weights_only)
+        client_state = engine.load(universal or path, weights_only=weights_only)
         if weights_only:
             return TrainState(), None
         ts = client_state.get("train_state") if client_state else None

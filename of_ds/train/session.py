@@ -11,7 +11,7 @@ import torch
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from .checkpoint import CheckpointManager, TrainState, find_checkpoint
+from .checkpoint import UNIVERSAL, CheckpointManager, TrainState, convert_to_universal, find_checkpoint, needs_universal
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -97,10 +97,24 @@ def load_original_checkpoint(model, path: Path) -> None:
     load_openflamingo_state_dict(model, obj, strict=True)
 
 
-def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], spec: RunSpec, runtime: Runtime) -> TrainState:
+def universal_resume(path: Optional[Path], spec: RunSpec, ds_config: Optional[dict], runtime: Runtime) -> Optional[Path]:
+    """Before the engine is built: a DeepSpeed ZeRO checkpoint saved by another number of ranks is converted (once) to
+    DeepSpeed's universal format under RUN_DIR/universal/, and `ds_config` set to load that. Returns the converted
+    folder, or None when `path` resumes as it is."""
+    if path is None or path.is_file() or ds_config is None:
+        return None
+    if not needs_universal(path, spec.engine.zero_stage, runtime.world_size):
+        return None
+    out = convert_to_universal(path, spec.run.run_dir / UNIVERSAL / path.name, runtime)
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return out
+
+
+def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], spec: RunSpec, runtime: Runtime,
+           universal: Optional[Path] = None) -> TrainState:
     if path is None or path.is_file():
         return TrainState()
-    state, rank_state = checkpoints.load(engine, path, weights_only=spec.checkpoint.load_weights_only)
+    state, rank_state = checkpoints.load(engine, path, weights_only=spec.checkpoint.load_weights_only, universal=universal)
     if spec.checkpoint.load_weights_only:
         state = TrainState()
     elif rank_state is not None:
@@ -109,7 +123,8 @@ def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], s
     elif runtime.is_main:
         print(f"[of_ds] {path}: no loader positions for this world size; the data restarts epoch {state.epoch}", flush=True)
     if runtime.is_main:
-        print(f"[of_ds] resumed from {path} at step {state.step} (epoch {state.epoch})", flush=True)
+        via = f" (through its universal conversion {universal})" if universal is not None else ""
+        print(f"[of_ds] resumed from {path} at step {state.step} (epoch {state.epoch}){via}", flush=True)
     return state
 
 

@@ -122,6 +122,33 @@ def test_exact_resume(workdir, zero2):
             assert resumed[step][k] == full[step][k], (step, k)
 
 
+@pytest.mark.parametrize("run,config", [("zero2", "zero2.json"), ("zero3", "zero3.json")])
+def test_resume_on_fewer_ranks(workdir, zero2, zero3, run, config):
+    """A 2-rank ZeRO checkpoint resumed by 1 rank: launch/train.py converts it once to DeepSpeed's universal format
+    and loads that, and the run goes on from step 2 (the data restarts its epoch: loader positions belong to the
+    world size that saved them). That the weights load exactly: tests/multinode/test_train.py."""
+    src = workdir / "runs" / run / "checkpoints" / "step-00000002"
+    name = f"{run}_one_rank"
+    shutil.copytree(src, workdir / "runs" / name / "checkpoints" / src.name)
+    sets = ["engine.zero_stage=3"] if run == "zero3" else []
+    proc = launch(workdir, "deepspeed", name, sets, ds_config=config, nproc=1)
+    universal = workdir / "runs" / name / "universal" / src.name
+    assert "through its universal conversion " in proc.stdout and f"{name}/universal/{src.name}" in proc.stdout, proc.stdout[-3000:]
+    assert "no loader positions for this world size" in proc.stdout and (universal / "COMPLETE").is_file()
+    resumed = losses(workdir, name)
+    assert sorted(resumed) == [3, 4] and all(torch.isfinite(torch.tensor(resumed[s]["loss"])) for s in (3, 4))
+    assert resumed[3]["lr"] == losses(workdir, run)[3]["lr"]  # the scheduler's state came along
+    assert '"world_size": 1' in (workdir / "runs" / name / "checkpoints" / "step-00000004" / "meta.json").read_text()
+
+
+def test_resume_under_another_zero_family_is_a_clear_error(workdir, zero2):
+    src = workdir / "runs" / "zero2" / "checkpoints" / "step-00000002"
+    shutil.copytree(src, workdir / "runs" / "zero3_from_zero2" / "checkpoints" / src.name)
+    proc = launch(workdir, "deepspeed", "zero3_from_zero2", ["engine.zero_stage=3"], ds_config="zero3.json", check=False)
+    assert proc.returncode != 0
+    assert "saved under ZeRO stage 2 and this run uses stage 3" in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("run", ["zero2", "zero3"])
 def test_export_round_trip(workdir, ddp, zero2, zero3, run, monkeypatch):
     """tools/export_checkpoint -> original key layout -> loads into a fresh model equal to the checkpoint's weights;

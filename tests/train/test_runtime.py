@@ -18,3 +18,24 @@ def test_shutdown_tears_the_process_group_down(monkeypatch):
     import deepspeed.comm.comm as ds_comm
 
     assert ds_comm.cdb is not None and not ds_comm.cdb.is_initialized()
+
+
+def test_which_checkpoints_need_the_universal_format(tmp_path):
+    """ZeRO-1/2/3 partitions from another number of ranks: converted; same ranks, ZeRO-0, DDP: as they are; across
+    ZeRO-3 and ZeRO-1/2: a clear error."""
+    import json
+
+    import pytest
+
+    from of_ds.train.checkpoint import CheckpointError, needs_universal
+
+    def saved(engine, stage, world):
+        (tmp_path / "meta.json").write_text(json.dumps({"engine": engine, "zero_stage": stage, "world_size": world}))
+        return tmp_path
+
+    assert needs_universal(saved("deepspeed", 2, 2), 2, 1) and needs_universal(saved("deepspeed", 3, 8), 3, 4)
+    assert needs_universal(saved("deepspeed", 1, 2), 2, 4)  # ZeRO-1 and 2 share their partition layout
+    assert not needs_universal(saved("deepspeed", 2, 2), 2, 2)
+    assert not needs_universal(saved("deepspeed", 0, 2), 0, 1) and not needs_universal(saved("ddp", None, 2), 2, 1)
+    with pytest.raises(CheckpointError, match="saved under ZeRO stage 2 and this run uses stage 3"):
+        needs_universal(saved("deepspeed", 2, 2), 3, 2)

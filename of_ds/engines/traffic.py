@@ -10,8 +10,9 @@ What is counted: the step as the engines run it (`weighted_losses`, packed when 
 and backward (activation checkpointing's recomputation and the chunked loss included), with every weight in the
 engine's dtype (DeepSpeed's bf16 layout); views are free; a broadcast input counts at its stored size, a tensor
 given twice once; gathers (embedding, index_select, the loss's nll) count the rows they read. SDPA is counted as
-the GPU runs it (one fused kernel each way), not as the meta device's math decomposition. nn.MultiheadAttention
-(open_clip's ViT) takes its unfused path here; on a GPU its fused fast path moves a little less. The optimizer
+the GPU runs it (one fused kernel each way), not as the meta device's math decomposition, and nn.MultiheadAttention
+(open_clip's frozen ViT) as its fast path (`torch._native_multi_head_attention`), which a GPU takes under no_grad
+in eval mode and the meta device never does. The optimizer
 step, which needs DeepSpeed and real tensors, is its bytes per trainable parameter counted on a small CPU run
 (`OPTIMIZER_BYTES_PER_TRAINABLE`) times the count. A `torch.compile`d part fuses some operators: this is the eager
 step's count (`tools/compiled_traffic` measures what compiling removes).
@@ -59,8 +60,8 @@ class Rates:
 
 # Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, eager MPT attention, gates on the outputs,
 # 2026-11-27; docs/performance.md): matmuls 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the
-# remaining 180 ms of its 481 ms of kernel time over the 386 GB this module counts for that configuration.
-H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.14)
+# remaining 180 ms of its 481 ms of kernel time over the 360 GB this module counts for that configuration.
+H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.00)
 
 
 @dataclass
@@ -291,15 +292,47 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     return _aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
 
 
+def _mha_fast_path(mha: torch.nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """What `torch._native_multi_head_attention` (nn.MultiheadAttention's fast path) runs on a GPU: the input
+    projection with its bias, one pass that splits q, k, v into heads, fused SDPA, the output projection."""
+    b, length, dim = x.shape
+    heads = mha.num_heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.view(b, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.linear(out.transpose(1, 2).reshape(b, length, dim), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _takes_fast_path(mha: torch.nn.MultiheadAttention, query, key, value, key_padding_mask, need_weights, attn_mask) -> bool:
+    """nn.MultiheadAttention's own fast-path conditions (torch 2.x), but for the device: it refuses meta tensors."""
+    tensors = (query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
+    return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3 and query is key is value and not need_weights
+            and key_padding_mask is None and (attn_mask is None or not torch.is_floating_point(attn_mask))
+            and mha.batch_first and not mha.training and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
+            and mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn and mha.num_heads % 2 == 0
+            and not torch.is_autocast_enabled() and query.dtype == mha.in_proj_weight.dtype
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)))
+
+
 @contextlib.contextmanager
-def fused_attention_kernels() -> Iterator[None]:
-    """Route `F.scaled_dot_product_attention` (ours, transformers', nn.MultiheadAttention's) through `_fused_sdpa`."""
-    original = F.scaled_dot_product_attention
+def fused_attention_kernels(mha_fast_path: bool = True) -> Iterator[None]:
+    """Route `F.scaled_dot_product_attention` (ours, transformers', nn.MultiheadAttention's) through `_fused_sdpa`,
+    and (`mha_fast_path`) nn.MultiheadAttention through the fast path it takes on a GPU where it can (open_clip's
+    frozen ViT: no autograd, eval)."""
+    original, mha_forward = F.scaled_dot_product_attention, torch.nn.MultiheadAttention.forward
+
+    def forward(mha, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+        if mha_fast_path and _takes_fast_path(mha, query, key, value, key_padding_mask, need_weights, attn_mask):
+            return _mha_fast_path(mha, query, attn_mask), None
+        return mha_forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+
     F.scaled_dot_product_attention = _fused_sdpa
+    torch.nn.MultiheadAttention.forward = forward
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original
+        torch.nn.MultiheadAttention.forward = mha_forward
 
 
 def weight_dtype(precision: str) -> torch.dtype:
@@ -307,8 +340,9 @@ def weight_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def count_step_traffic(spec) -> StepTraffic:
-    """Build `spec`'s model on the meta device and count one training step (one micro-batch per dataset)."""
+def count_step_traffic(spec, mha_fast_path: bool = True) -> StepTraffic:
+    """Build `spec`'s model on the meta device and count one training step (one micro-batch per dataset);
+    `mha_fast_path=False` counts nn.MultiheadAttention's unfused path (what `torch.compile` traces)."""
     from ..model import build_flamingo, count_parameters
     from ..model.vision import tower_image_size
     from ..train.session import batch_shapes
@@ -324,7 +358,7 @@ def count_step_traffic(spec) -> StepTraffic:
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
     counter = TrafficCounter()
     try:
-        with fused_attention_kernels(), counter, counter.tracker:
+        with fused_attention_kernels(mha_fast_path), counter, counter.tracker:
             losses = weighted_losses(model, batches, weights, torch.device("meta"), fuse=fused_row_lengths(model, spec))
             losses["loss"].backward()
     except RuntimeError as e:

@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     ds_config = None
     if spec.engine.kind == "deepspeed":
         ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-    session.seed_everything(spec.run.seed)
     if runtime.is_main:
         session.maybe_make_demo_data(spec)
     runtime.barrier()
+    session.seed_everything(spec.run.seed)  # after the demo data: the model's init is the seed's alone
     model, _, tokenizer = build_flamingo(spec.model)
     data = build_train_data(spec, tokenizer, image_processor_config(model), runtime, pin_memory=runtime.device.type == "cuda")
     total_steps = session.total_optimizer_steps(spec, data.steps_per_epoch)

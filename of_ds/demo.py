@@ -309,10 +309,23 @@ def write_photos(out: Path, photos: dict[str, np.ndarray]) -> None:
 
 # ------------------------------------------------------------------------------------------------------- all
 def make_demo_data(out: str | Path) -> Path:
-    """(Re)generate the whole demo directory; `DONE` is written last."""
+    """(Re)generate the whole demo directory; `DONE` is written last. The caller's random states (torch, numpy,
+    Python) are left as they were: launch/train.py generates the data on a first run just before it builds the
+    model, whose init must not depend on whether this run was the one that generated it."""
+    import torch
+
+    state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _make_demo_data(Path(out))
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
+def _make_demo_data(out: Path) -> Path:
     from of_ds.model.tokenizer import train_bpe_tokenizer
 
-    out = Path(out)
     _clear_partial(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)

@@ -35,7 +35,19 @@ def digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo_data")
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    want = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    path = ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo_data")
+    # generating leaves the caller's random states alone: a first training run on demo data inits its model as
+    # any later run does (launch/train.py builds the model right after generating)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    return path
 
 
 def test_layout_and_contents(demo):

@@ -132,6 +132,9 @@ class DeepSpeedEngine:
 
     def load(self, directory: Path, *, weights_only: bool = False) -> dict:
         directory = Path(directory)
+        if weights_only and self.zero_stage == 3:
+            self._load_zero3_weights(directory)
+            return {}
         path, client_state = self.engine.load_checkpoint(
             str(directory.parent),
             tag=directory.name,
@@ -144,6 +147,24 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
         reapply_fused(self.inner_optimizer, self._fused)  # the spec's kernel choice, not the checkpoint's
         return client_state or {}
+
+    def _load_zero3_weights(self, directory: Path) -> None:
+        """The trainable weights of a ZeRO checkpoint, consolidated from any number of ranks, into this ZeRO-3
+        engine's partitions. (DeepSpeed's own module-only ZeRO-3 load reads the folder that `latest` names, not the
+        step asked for.)"""
+        import deepspeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name, exclude_frozen_parameters=True)
+        params = dict(self.engine.module.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"{directory}: weights this model does not have: {unknown[:5]}")
+        with deepspeed.zero.GatheredParameters([params[k] for k in state], modifier_rank=0):
+            if self.engine.global_rank == 0:
+                for name, value in state.items():
+                    params[name].data.copy_(value)
+        self.engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions from the new weights
 
 
 def _finite(x: float) -> bool:

@@ -60,8 +60,8 @@ class Rates:
 
 # Fitted to the one profiled GPU step (H200, 3B recipe, ZeRO-2 bf16, eager MPT attention, gates on the outputs,
 # 2026-11-27; docs/performance.md): matmuls 157.1 TFLOP in 280.2 ms; SDPA 1.9 TFLOP forward in 13.3 ms; the
-# remaining 180 ms of its 481 ms of kernel time over the 360 GB this module counts for that configuration.
-H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=2.00)
+# remaining 180 ms of its 481 ms of kernel time over the 340 GB this module counts for that configuration.
+H200_MEASURED = Rates(gemm_tflops=561.0, attention_tflops=135.0, memory_tbps=1.89)
 
 
 @dataclass
@@ -293,21 +293,22 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 
 def _mha_fast_path(mha: torch.nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """What `torch._native_multi_head_attention` (nn.MultiheadAttention's fast path) runs on a GPU: the input
-    projection with its bias, one pass that splits q, k, v into heads, fused SDPA, the output projection."""
+    """What `torch._native_multi_head_attention` (nn.MultiheadAttention's fast path) runs on a GPU without a mask:
+    the input projection with its bias, fused SDPA straight on strided head views of it, the output projection."""
     b, length, dim = x.shape
     heads = mha.num_heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-    q, k, v = qkv.view(b, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    q, k, v = (t.view(b, length, heads, dim // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.linear(out.transpose(1, 2).reshape(b, length, dim), mha.out_proj.weight, mha.out_proj.bias)
 
 
 def _takes_fast_path(mha: torch.nn.MultiheadAttention, query, key, value, key_padding_mask, need_weights, attn_mask) -> bool:
-    """nn.MultiheadAttention's own fast-path conditions (torch 2.x), but for the device: it refuses meta tensors."""
+    """nn.MultiheadAttention's own fast-path conditions (torch 2.x), but for the device (it refuses meta tensors),
+    narrowed to where the native kernel then calls SDPA: no mask (with one it runs its unfused math)."""
     tensors = (query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
     return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3 and query is key is value and not need_weights
-            and key_padding_mask is None and (attn_mask is None or not torch.is_floating_point(attn_mask))
+            and key_padding_mask is None and attn_mask is None
             and mha.batch_first and not mha.training and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
             and mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn and mha.num_heads % 2 == 0
             and not torch.is_autocast_enabled() and query.dtype == mha.in_proj_weight.dtype

@@ -98,37 +98,41 @@ def needs_universal(path: Path, zero_stage: int, world_size: int) -> bool:
     CheckpointError for a change between ZeRO-3 and ZeRO-1/2, which DeepSpeed loads in neither format."""
     meta = json.loads((Path(path) / "meta.json").read_text())
     saved_stage = meta.get("zero_stage") or 0
-    if meta.get("engine") != "deepspeed" or saved_stage < 1 or zero_stage < 1:
+    if meta.get("engine") != "deepspeed":
         return False
-    if (saved_stage == 3) != (zero_stage == 3):
+    if (saved_stage >= 1) != (zero_stage >= 1) or (saved_stage == 3) != (zero_stage == 3):
         raise CheckpointError(
             f"{path} was saved under ZeRO stage {saved_stage} and this run uses stage {zero_stage}: DeepSpeed loads "
-            f"ZeRO-3 partitions only into ZeRO-3 and ZeRO-1/2 ones only into ZeRO-1/2. Resume with "
+            f"ZeRO-3 checkpoints only into ZeRO-3, ZeRO-1/2 ones only into ZeRO-1/2, ZeRO-0 ones only into ZeRO-0. Resume with "
             f"engine.zero_stage={saved_stage} (and its ds_configs file), or export the weights (tools/export_checkpoint) "
             f"and start from them with checkpoint.resume_from=<export> and checkpoint.load_weights_only=true."
         )
-    return meta["world_size"] != world_size
+    return saved_stage >= 1 and meta["world_size"] != world_size
 
 
 def convert_to_universal(path: Path, out: Path, runtime: Runtime) -> Path:
     """Collective: rank 0 converts ZeRO checkpoint `path` to DeepSpeed's universal format at `out` with DeepSpeed's
     `ds_to_universal` (once: `out/COMPLETE` marks a finished conversion; its output goes to `out.log`). Raises
     CheckpointError on every rank when it fails."""
-    path, out = Path(path), Path(out)
+    path, out = Path(path).resolve(), Path(out)
     log = out.with_name(out.name + ".log")
     failed = False
-    if runtime.is_main and not is_complete(out):
-        shutil.rmtree(out, ignore_errors=True)  # a conversion a crash interrupted
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[of_ds] {path}: saved by another number of ranks; converting it to DeepSpeed's universal format in "
-              f"{out}", flush=True)
-        # --inject_missing_state: only Megatron-style trainers record the universal_checkpoint_info it asserts on
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-               "--output_folder", str(out), "--inject_missing_state"]
-        with open(log, "w") as sink:
-            failed = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT).returncode != 0
-        if not failed:
-            _write_atomic(out / COMPLETE, f"{path}\n")
+    if runtime.is_main and not (is_complete(out) and (out / COMPLETE).read_text().strip() == str(path)):
+        try:
+            shutil.rmtree(out, ignore_errors=True)  # a conversion a crash interrupted, or one of another folder
+            out.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[of_ds] {path}: saved by another number of ranks; converting it to DeepSpeed's universal format "
+                  f"in {out}", flush=True)
+            # --inject_missing_state: only Megatron-style trainers record the universal_checkpoint_info it asserts on
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                   "--output_folder", str(out), "--inject_missing_state"]
+            with open(log, "w") as sink:
+                failed = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT).returncode != 0
+            if not failed:
+                _write_atomic(out / COMPLETE, f"{path}\n")  # which folder it converts: another one is converted anew
+        except OSError as e:  # the other ranks wait in the all-reduce below: tell them, then fail together
+            failed = True
+            print(f"[of_ds] {path}: converting to {out} failed: {e}", flush=True)
     if bool(runtime.any_rank(torch.tensor(failed))):
         raise CheckpointError(f"{path}: DeepSpeed's ds_to_universal could not convert it (its output: {log})")
     return out
@@ -177,6 +181,8 @@ class CheckpointManager:
         return path
 
     def _prune(self) -> None:
+        # a universal conversion served one resume at a new world size; this run now has its own checkpoint
+        shutil.rmtree(self.root.parent / UNIVERSAL, ignore_errors=True)
         complete = complete_checkpoints(self.root)
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -192,7 +198,8 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
         meta = json.loads((path / "meta.json").read_text())
         saved_world, world = meta["world_size"], self.runtime.world_size
-        if saved_world != world and universal is None and not getattr(engine, "can_reshape", False):
+        # a weights-only load reads the consolidated weights, which any number of ranks can
+        if saved_world != world and universal is None and not weights_only and not getattr(engine, "can_reshape", False):
             raise CheckpointError(
                 f"{path} was written by {saved_world} ranks but this run has {world}; {meta['engine']} "
                 f"(ZeRO stage {meta.get('zero_stage')}) partitions cannot be reshaped by this engine. Resume with "

@@ -101,8 +101,8 @@ def universal_resume(path: Optional[Path], spec: RunSpec, ds_config: Optional[di
     """Before the engine is built: a DeepSpeed ZeRO checkpoint saved by another number of ranks is converted (once) to
     DeepSpeed's universal format under RUN_DIR/universal/, and `ds_config` set to load that. Returns the converted
     folder, or None when `path` resumes as it is."""
-    if path is None or path.is_file() or ds_config is None:
-        return None
+    if path is None or path.is_file() or ds_config is None or spec.checkpoint.load_weights_only:
+        return None  # weights only: consolidated from any number of ranks without a conversion
     if not needs_universal(path, spec.engine.zero_stage, runtime.world_size):
         return None
     out = convert_to_universal(path, spec.run.run_dir / UNIVERSAL / path.name, runtime)

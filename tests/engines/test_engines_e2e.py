@@ -134,11 +134,28 @@ def test_resume_on_fewer_ranks(workdir, zero2, zero3, run, config):
     proc = launch(workdir, "deepspeed", name, sets, ds_config=config, nproc=1)
     universal = workdir / "runs" / name / "universal" / src.name
     assert "through its universal conversion " in proc.stdout and f"{name}/universal/{src.name}" in proc.stdout, proc.stdout[-3000:]
-    assert "no loader positions for this world size" in proc.stdout and (universal / "COMPLETE").is_file()
+    assert "no loader positions for this world size" in proc.stdout
+    assert not universal.parent.exists()  # removed once the run saved a checkpoint of its own
     resumed = losses(workdir, name)
     assert sorted(resumed) == [3, 4] and all(torch.isfinite(torch.tensor(resumed[s]["loss"])) for s in (3, 4))
     assert resumed[3]["lr"] == losses(workdir, run)[3]["lr"]  # the scheduler's state came along
     assert '"world_size": 1' in (workdir / "runs" / name / "checkpoints" / "step-00000004" / "meta.json").read_text()
+
+
+def test_weights_only_from_an_older_step_on_fewer_ranks(workdir, zero3):
+    """checkpoint.load_weights_only from the 2-rank ZeRO-3 run's step 2 (step 4 is its newest) on 1 rank: no
+    conversion, the weights of step 2 exactly (after a first step at warmup's lr 0 they are still those), step 1."""
+    from of_ds.train.export import export_checkpoint
+
+    src = workdir / "runs" / "zero3" / "checkpoints" / "step-00000002"
+    assert (src.parent / "step-00000004").is_dir()
+    proc = launch(workdir, "deepspeed", "zero3_weights", ["engine.zero_stage=3", f"checkpoint.resume_from={src}",
+                  "checkpoint.load_weights_only=true", "run.max_steps=1"], ds_config="zero3.json", nproc=1)
+    assert "universal" not in proc.stdout and sorted(losses(workdir, "zero3_weights")) == [1]
+    assert losses(workdir, "zero3_weights")[1]["lr"] == 0.0
+    want, got = (torch.load(export_checkpoint(d, workdir / f"{n}.pt", layout="ours"), map_location="cpu")
+                 for n, d in (("z3_step2", src), ("z3_weights", workdir / "runs" / "zero3_weights")))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_resume_under_another_zero_family_is_a_clear_error(workdir, zero2):

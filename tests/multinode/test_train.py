@@ -77,23 +77,28 @@ def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, demo_data_d
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
 
-    # on 1 rank: launch/train.py converts the 2-rank ZeRO-2 checkpoint to DeepSpeed's universal format and goes on
-    rc, out, t4 = _run(loopback_cluster, demo_data_dir, tmp_path, "one_rank", multi, 6, local=True, nproc=1)
+    # on 1 rank: launch/train.py converts the 2-rank ZeRO-2 checkpoint to DeepSpeed's universal format and loads it
+    rc, out, t4 = _run(loopback_cluster, demo_data_dir, tmp_path, "one_rank", multi, 4, local=True, nproc=1)
     assert rc == 0, out[-5000:]
     step4, universal = multi / "demo/checkpoints/step-00000004", multi / "demo/universal/step-00000004"
     assert f"resumed from {step4} at step 4" in out and "through its universal conversion" in out, out[-5000:]
-    assert sorted(_losses(multi / "demo"))[-2:] == [5, 6]
-    _assert_complete(multi / "demo/checkpoints/step-00000006", world=1)
+    assert (universal / "COMPLETE").read_text().strip() == str(step4.resolve())
     # what it converted loads into a 1-rank engine with every trainable weight equal to the checkpoint's
     job = [sys.executable, str(Path(__file__).with_name("universal_load_job.py")), str(universal), str(step4),
            str(tmp_path / "universal.json"), "--", *_train_args(demo_data_dir, tmp_path / "one", 6)]
-    rc, out, t6 = run_launcher(job, loopback_cluster.workdir, loopback_cluster.env(), 300, tmp_path / "load.log")
+    rc, out, t5 = run_launcher(job, loopback_cluster.workdir, loopback_cluster.env(), 300, tmp_path / "load.log")
     assert rc == 0, out[-5000:]
     loaded = json.loads((tmp_path / "universal.json").read_text())
     assert loaded["world_size"] == 1 and loaded["global_steps"] == 4
     assert loaded["trainable"] == loaded["in_checkpoint"] > 0 and loaded["mismatched"] == []
+    # ...and the run goes on from it (the conversion reused), then drops it once it has a checkpoint of its own
+    rc, out, t6 = _run(loopback_cluster, demo_data_dir, tmp_path, "one_rank_more", multi, 6, local=True, nproc=1)
+    assert rc == 0 and "through its universal conversion" in out and "converting" not in out, out[-5000:]
+    assert sorted(_losses(multi / "demo"))[-2:] == [5, 6]
+    _assert_complete(multi / "demo/checkpoints/step-00000006", world=1)
+    assert not universal.exists()
     print(f"launch seconds: multi {t1:.0f}, resumed {t2:.0f}, local {t3:.0f}, on 1 rank through the universal format "
-          f"{t4:.0f}, its weights checked {t6:.0f}")
+          f"{t4:.0f}, its weights checked {t5:.0f}, 2 more steps {t6:.0f}")
 
 
 def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, demo_data_dir, tmp_path):

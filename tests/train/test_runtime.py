@@ -22,7 +22,7 @@ def test_shutdown_tears_the_process_group_down(monkeypatch):
 
 def test_which_checkpoints_need_the_universal_format(tmp_path):
     """ZeRO-1/2/3 partitions from another number of ranks: converted; same ranks, ZeRO-0, DDP: as they are; across
-    ZeRO-3 and ZeRO-1/2: a clear error."""
+    ZeRO-3, ZeRO-1/2 and ZeRO-0: a clear error."""
     import json
 
     import pytest
@@ -39,3 +39,6 @@ def test_which_checkpoints_need_the_universal_format(tmp_path):
     assert not needs_universal(saved("deepspeed", 0, 2), 0, 1) and not needs_universal(saved("ddp", None, 2), 2, 1)
     with pytest.raises(CheckpointError, match="saved under ZeRO stage 2 and this run uses stage 3"):
         needs_universal(saved("deepspeed", 2, 2), 3, 2)
+    for stages in ((2, 0), (0, 1), (3, 0)):  # ZeRO-0 keeps a whole optimizer state, ZeRO-1-3 partitions
+        with pytest.raises(CheckpointError, match=f"saved under ZeRO stage {stages[0]} and this run uses stage {stages[1]}"):
+            needs_universal(saved("deepspeed", stages[0], 2), stages[1], 2)

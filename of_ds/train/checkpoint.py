@@ -95,7 +95,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def needs_universal(path: Path, zero_stage: int, world_size: int) -> bool:
     """Whether resuming DeepSpeed checkpoint `path` under ZeRO stage `zero_stage` with `world_size` ranks needs
     DeepSpeed's universal format: its ZeRO partitions (stage >= 1) were saved by another world size. Raises
-    CheckpointError for a change between ZeRO-3 and ZeRO-1/2, which DeepSpeed loads in neither format."""
+    CheckpointError for a change between ZeRO-3, ZeRO-1/2 and ZeRO-0, which DeepSpeed loads in no format."""
     meta = json.loads((Path(path) / "meta.json").read_text())
     saved_stage = meta.get("zero_stage") or 0
     if meta.get("engine") != "deepspeed":

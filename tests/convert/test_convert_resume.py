@@ -48,7 +48,8 @@ def test_resume_after_kill_matches_a_clean_run(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli(zips, images, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not any(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+    # a shard counts as done once its record follows its tar: wait for a record, not a tar (the kill could land between)
+    while not any(out.glob(".convert/*.done.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -72,16 +72,16 @@ def model_dims(model, spec) -> ModelDims:
     import open_clip
 
     from ..model import count_parameters
+    from ..model.vision import tower_image_size
 
     counts = count_parameters(model)
     xa = spec.model.cross_attn
     vcfg = open_clip.get_model_config(spec.model.vision.name)["vision_cfg"]
-    size = vcfg.get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
+    size = tower_image_size(model)
     return ModelDims(
         total_params=counts["total"], trainable_params=counts["trainable"], lm_dim=model.lang_dim,
         lm_layers=len(model.flamingo_layers()), xattn_blocks=len(model.cross_attention_blocks()),
-        xattn_heads=spec.model.cross_attn.heads, vocab=model.new_tokens.vocab_size, vis_dim=model.vis_dim,
+        xattn_heads=xa.heads, vocab=model.new_tokens.vocab_size, vis_dim=model.vis_dim,
         vis_tokens=(size // vcfg["patch_size"]) ** 2 + 1, vis_layers=vcfg["layers"],
         latents=spec.model.perceiver.num_latents, perceiver_depth=spec.model.perceiver.depth,
         xattn_gated_in=(xa.heads * xa.dim_head, xa.ff_mult * model.lang_dim),
@@ -94,7 +94,7 @@ def activation_bytes(dims: ModelDims, spec, precision: str, checkpointing: bool)
     Saved for backward, per dataset: frozen decoder layers 20 bytes per s·b·h in 16-bit (norm inputs, q/k/v, the
     MLP's activation input: no matmul inputs, their weights take no gradient), trainable cross-attention blocks
     Korthikanti's 34 less the two gated outputs, plus what each gate keeps instead (`ScaledLinear`: its scaled
-    weight, or where that is larger, its output again), plus the keys/values; the fp32 log-softmax of the loss (4 bytes per logit); per perceiver layer
+    weight, or the output where that is the smaller), plus the keys/values; the fp32 log-softmax of the loss (4 bytes per logit); per perceiver layer
     and image the concat(media, latents) and its keys/values, 2·(v+n)·D, and a block's 17·n·D for the latents.
     Under activation checkpointing each FlamingoLayer keeps only its input. On top, the largest transient: a
     checkpointed layer recomputed, the loss's logit gradients, or the frozen vision tower's forward. With

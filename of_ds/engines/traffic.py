@@ -292,14 +292,14 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     return _aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
 
 
-def _mha_fast_path(mha: torch.nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _mha_fast_path(mha: torch.nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     """What `torch._native_multi_head_attention` (nn.MultiheadAttention's fast path) runs on a GPU without a mask:
     the input projection with its bias, fused SDPA straight on strided head views of it, the output projection."""
     b, length, dim = x.shape
     heads = mha.num_heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = (t.view(b, length, heads, dim // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    out = F.scaled_dot_product_attention(q, k, v)
     return F.linear(out.transpose(1, 2).reshape(b, length, dim), mha.out_proj.weight, mha.out_proj.bias)
 
 
@@ -324,7 +324,7 @@ def fused_attention_kernels(mha_fast_path: bool = True) -> Iterator[None]:
 
     def forward(mha, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
         if mha_fast_path and _takes_fast_path(mha, query, key, value, key_padding_mask, need_weights, attn_mask):
-            return _mha_fast_path(mha, query, attn_mask), None
+            return _mha_fast_path(mha, query), None
         return mha_forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
 
     F.scaled_dot_product_attention = _fused_sdpa

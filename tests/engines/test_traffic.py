@@ -196,7 +196,7 @@ def test_multihead_attention_is_counted_as_the_fast_path_a_gpu_takes():
     mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()
     x = torch.randn(3, 17, 64)
     with torch.no_grad():
-        assert torch.allclose(_mha_fast_path(mha, x, None), mha(x, x, x, need_weights=False)[0], atol=1e-5)
+        assert torch.allclose(_mha_fast_path(mha, x), mha(x, x, x, need_weights=False)[0], atol=1e-5)
 
     def count(module, grad: bool):
         counter, meta = TrafficCounter(), torch.zeros(3, 17, 64, device="meta")

@@ -231,6 +231,12 @@ def time_back_to_back(train_step, steps: int, device: torch.device, sync) -> lis
     return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(steps)]
 
 
+def is_sync_warning(message) -> bool:
+    """torch's sync-debug warning ("called a synchronizing CUDA operation"), not the other warnings a step may raise
+    (deprecations, cuBLASLt falling back to cuBLAS)."""
+    return "synchronizing" in str(message)
+
+
 def count_host_syncs(train_step) -> dict:
     """One step under `torch.cuda.set_sync_debug_mode("warn")`: how many operations made the host wait for the
     device, and where (explicit `torch.cuda.synchronize()` calls are not counted by torch)."""
@@ -240,6 +246,8 @@ def count_host_syncs(train_step) -> dict:
     sites: dict[str, int] = {}
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if not is_sync_warning(message):  # any other warning of the step is shown as usual
+            return shown(message, category, filename, lineno, file, line)
         frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-3:]
         key = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
         sites[key] = sites.get(key, 0) + 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional
@@ -40,6 +41,7 @@ GEMM_OPS = frozenset(p.overloadpacket for p in (
 _GEMM_NAMES = frozenset(str(p).removeprefix("aten.") for p in GEMM_OPS)
 FREE_OPS = frozenset((_aten.detach.default, _aten._unsafe_view.default, _aten.alias.default, _aten.lift_fresh.default))
 TIMED_GEMMS = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}  # what `time_gemm_shapes` can replay
+BLAS_FALLBACK = "Will attempt to recover by calling"  # torch's warning where cuBLASLt refuses a shape (libtorch_cuda)
 # which model part a forward operator belongs to, by the innermost module path it runs under
 PART_KEYS = (("gated_cross_attn_layer", "cross_attn"), ("decoder_layer", "lm_layers"), ("perceiver", "perceiver"), ("vision_encoder", "vision"))
 # DeepSpeed ZeRO-1/2 bf16 per trainable parameter, as counted (this module's counter) over the optimizer step of a
@@ -115,7 +117,8 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
     rate. On a GPU each shape is timed under both of torch's BLAS libraries (cuBLAS, torch's default for matmuls
     without a bias, and cuBLASLt, which it uses for those with one; `TORCH_BLAS_PREFER_CUBLASLT=1` makes it the
     default for all): `ms_by_blas` per shape and `gemm_ms_by_blas` for the step (`compare_blas`, default on a GPU).
-    Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
+    Where a library refuses a shape, torch warns and runs the other one: the row's `blas_fell_back` names it (its
+    time is the other library's). Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
     cuda = device.type == "cuda"
     compare = cuda if compare_blas is None else compare_blas
     in_effect = torch.backends.cuda.preferred_blas_library().name.lower() if compare else device.type
@@ -124,17 +127,23 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
     try:
         for (name, dims, transposed), tally in sorted(traffic.gemm_shapes.items(), key=lambda kv: -kv[1].flops):
             inputs = [_random_like(d, t, device, dtype) for d, t in zip(dims, transposed)]
-            seconds = {}
+            seconds, fell_back = {}, []
             for library in libraries:
                 if compare:
                     torch.backends.cuda.preferred_blas_library(library)
-                seconds[library] = _time_op(TIMED_GEMMS[name], inputs, repeats, cuda)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    seconds[library] = _time_op(TIMED_GEMMS[name], inputs, repeats, cuda)
+                if any(BLAS_FALLBACK in str(w.message) for w in caught):
+                    fell_back.append(library)
                 totals[library] += seconds[library] * tally.calls
             own = seconds[in_effect]
             row = {"op": name, "shapes": dims, "transposed": transposed, "calls": tally.calls, "tflop": round(tally.flops / 1e12, 3),
                    "ms_per_call": round(own * 1e3, 5), "tflops": round(tally.flops / tally.calls / own / 1e12, 1)}
             if compare:
                 row["ms_by_blas"] = {k: round(v * 1e3, 5) for k, v in seconds.items()}
+            if fell_back:
+                row["blas_fell_back"] = fell_back  # that library refused the shape: torch timed its fallback
             shapes.append(row)
             del inputs
     finally:
@@ -144,6 +153,7 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
            "gemm_ms": round(totals[in_effect] * 1e3, 2), "shapes": shapes}
     if compare:
         out["gemm_ms_by_blas"] = {k: round(v * 1e3, 2) for k, v in totals.items()}
+    out["shapes_fell_back"] = sum(1 for row in shapes if "blas_fell_back" in row)
     return out
 
 

@@ -48,7 +48,8 @@ def segment_causal_mask(config, embeds: torch.Tensor, attention_mask: Optional[t
     as it is."""
     from transformers.masking_utils import create_causal_mask
 
-    base = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, allow_is_causal_skip=False)
+    # the cache positionally: transformers renamed that parameter (past_key_values up to 5.17 at least, cache by 5.24)
+    base = create_causal_mask(config, embeds, attention_mask, None, allow_is_causal_skip=False)
     if not isinstance(base, torch.Tensor) or base.ndim != 4:
         raise ValueError(
             f"engine.fuse_datasets: the LM's attention ({config._attn_implementation}) does not take a 4D mask; use "

@@ -68,6 +68,8 @@ def build_attention_bias(position_bias: Optional[torch.Tensor], mask: Optional[t
 
 def _sdpa_forward(self, hidden_states: torch.Tensor, position_bias: torch.Tensor, cache=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
     """`MptAttention.forward` with SDPA; returns (output, None): attention weights are never materialised."""
+    if cache is None:  # transformers' MptBlock passes the cache as `past_key_values` in older 5.x releases (5.17)
+        cache = kwargs.pop("past_key_values", None)
     batch_size, seq_length = hidden_states.shape[:2]
     qkv = self.Wqkv(hidden_states)
     if self.clip_qkv:

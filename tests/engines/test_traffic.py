@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,24 @@ def test_the_replay_times_each_blas_library_and_restores_the_one_in_effect(tmp_p
     per_library = {k: sum(s["ms_by_blas"][k] * s["calls"] for s in timed["shapes"]) for k in ("cublas", "cublaslt")}
     for k, total in per_library.items():
         assert total == pytest.approx(timed["gemm_ms_by_blas"][k], rel=1e-3, abs=0.05)
+
+
+def test_the_replay_marks_shapes_a_library_refused(tmp_path, monkeypatch):
+    """Where cuBLASLt refuses a shape, torch warns and runs cuBLAS: the row says so rather than passing the fallback's
+    time off as cuBLASLt's. (The refusal is played by a matmul that warns as libtorch_cuda does under cuBLASLt.)"""
+    from of_ds.engines import traffic as traffic_module
+
+    def refusing_mm(a, b):
+        if torch.backends.cuda.preferred_blas_library().name.lower() == "cublaslt":
+            warnings.warn("bgemm_internal_cublaslt error: CUBLAS_STATUS_NOT_SUPPORTED. Will attempt to recover by calling cublas instead.")
+        return torch.mm(a, b)
+
+    monkeypatch.setitem(traffic_module.TIMED_GEMMS, "mm", refusing_mm)
+    traffic = count_step_traffic(bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), TINY_MPT, True, tmp_path))
+    timed = time_gemm_shapes(traffic, torch.device("cpu"), torch.float32, repeats=1, compare_blas=True)
+    for shape in timed["shapes"]:
+        assert shape.get("blas_fell_back") == (["cublaslt"] if shape["op"] == "mm" else None)
+    assert timed["shapes_fell_back"] == sum(1 for s in timed["shapes"] if s["op"] == "mm") > 0
 
 
 def test_multihead_attention_is_counted_as_the_fast_path_a_gpu_takes():

@@ -114,3 +114,22 @@ def test_bf16_long_sequences_as_accurate_as_eager(tiny_tokenizer_dir):
         ref = lms["eager"](input_ids=ids).logits.float()
         err = {mode: (lm.to(torch.bfloat16)(input_ids=ids).logits.float() - ref).abs().max().item() for mode, lm in lms.items()}
     assert err["sdpa"] <= 1.5 * err["eager"], err
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_kv_cache_is_used_under_either_name(tiny_tokenizer_dir, name):
+    """transformers' MptBlock hands the layer's KV cache over as `cache` (5.24) or `past_key_values` (5.17, the GPU
+    machine's): a decoding step with the cache equals the last row of the whole sequence at once."""
+    from transformers import DynamicCache
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    models, _ = build_pair(tiny_tokenizer_dir, n_layers=1)
+    attn = next(m for m in models["sdpa"].modules() if isinstance(m, MptAttention)).eval()
+    x = torch.randn(2, 6, attn.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole, _ = attn(x, position_bias=None)  # no mask: the last row attends to every key, as a step does
+        cache = DynamicCache()
+        attn(x[:, :5], position_bias=None, **{name: cache})
+        step, _ = attn(x[:, 5:], position_bias=None, **{name: cache})
+    assert cache.get_seq_length() == 6
+    torch.testing.assert_close(step[:, 0], whole[:, -1], rtol=1e-5, atol=1e-6)

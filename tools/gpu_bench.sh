@@ -5,6 +5,10 @@
 # 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt
 # (cProfile). `traffic` times no step: the --traffic count of 3B and 9B, each matmul shape timed on the GPU.
 # A failed variant writes {"name", "failed": true}.
+# BUDGET_S=N: this run may take N seconds (a device call's limit, less the install): each variant's time limit is cut
+# to what is left, and a variant that would get less than MIN_VARIANT_S (default 45) writes {"name", "skipped":
+# "budget", "left_s"} instead of starting. Variant `next` is the next GPU session's plan, most informative first (see
+# docs/performance.md, "Next measurements").
 # On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step. 3b_loop (launch/train.py at the 3B sizes on
 # the demo shards, 40 steps: data wait and the loop's own overhead) needs demo_data/{laion,mmc4,tokenizer} carried.
 set -uo pipefail
@@ -20,13 +24,28 @@ if [[ ${TINY:-0} == 1 ]]; then STEPS=(--steps 1 --warmup 1); TINY_ARGS=(--tiny);
 # the vision tower stays eager: its nn.MultiheadAttention fast path moves less than its compiled graph (compiled_traffic)
 COMPILE=(--set engine.compile=true --set "engine.compile_targets=[lm_layers, perceiver, loss]")
 AC=(--set engine.activation_checkpointing=true)
+BUDGET=${BUDGET_S:-0}  # 0: none
+MIN_S=${MIN_VARIANT_S:-45}
+time_limit() {  # NAME LIMIT_S: prints the limit the budget leaves; fails (after writing the skip) when too little
+  local limit=$2 rest
+  if (( BUDGET > 0 )); then
+    rest=$(( BUDGET - SECONDS ))
+    if (( rest < MIN_S )); then
+      echo "{\"name\": \"$1\", \"skipped\": \"budget\", \"left_s\": $rest}" | tee -a "$out/bench.jsonl" >&2
+      return 1
+    fi
+    (( rest < limit )) && limit=$rest
+  fi
+  echo "$limit"
+}
 batch() { echo --set data.datasets.mmc4.batch_size="$1" --set data.datasets.laion.batch_size="$2"; }
 
-bench() {  # NAME LIMIT_S SPEC [bench_step args...]
-  local name=$1 limit=$2 spec=$3 line
+bench() {  # NAME LIMIT_S SPEC [bench_step args...]; returns 1 if it failed, 2 if the budget skipped it
+  local name=$1 limit spec=$3 line
+  limit=$(time_limit "$1" "$2") || return 2
   shift 3
   echo "== $name $(date +%T)" | tee -a "$out/log.txt"
-  line=$(timeout "$limit" python3 tools/bench_step --spec "$spec" "${TINY_ARGS[@]}" "$@" 2>>"$out/log.txt" | grep '^{' | tail -1)
+  line=$(timeout -k 10 "$limit" python3 tools/bench_step --spec "$spec" "${TINY_ARGS[@]}" "$@" 2>>"$out/log.txt" | grep '^{' | tail -1)
   if [[ $line == "{"* ]]; then
     echo "{\"name\": \"$name\", ${line#\{}" | tee -a "$out/bench.jsonl"
     return 0
@@ -36,7 +55,8 @@ bench() {  # NAME LIMIT_S SPEC [bench_step args...]
 }
 
 loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo shards (carry demo_data/{laion,mmc4,tokenizer})
-  local name=$1 limit=$2 spec=$3 run=/tmp/of_ds_loop
+  local name=$1 limit spec=$3 run=/tmp/of_ds_loop
+  limit=$(time_limit "$1" "$2") || return 2
   local -a sets=(
     --set "model.lm.config={model_type: mpt, d_model: 2048, n_layers: 24, n_heads: 16, vocab_size: 50432, max_seq_len: 2048, expansion_ratio: 4}"
     --set model.lm.name_or_path=null --set model.lm.trust_remote_code=false --set model.vision.pretrained=null
@@ -48,7 +68,7 @@ loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo
   if [[ ${TINY:-0} == 1 ]]; then spec=launch/specs/demo.yaml; sets=(--set run.max_steps=2 --set logging.every_n_steps=1 --set run.output_dir=$run --set run.name=$name); fi
   echo "== $name $(date +%T)" | tee -a "$out/log.txt"
   rm -rf "$run/$name"
-  if timeout "$limit" python3 launch/train.py --spec "$spec" "${sets[@]}" >>"$out/log.txt" 2>&1; then
+  if timeout -k 10 "$limit" python3 launch/train.py --spec "$spec" "${sets[@]}" >>"$out/log.txt" 2>&1; then
     echo "{\"name\": \"$name\", \"metrics\": $(tail -1 "$run/$name/metrics.jsonl")}" | tee -a "$out/bench.jsonl"
   else
     echo "{\"name\": \"$name\", \"failed\": true}" | tee -a "$out/bench.jsonl"
@@ -77,12 +97,15 @@ run_variant() {
       # puts 11x at 137 GiB (8x without chunks); try 12x, 10x, 8x
       for k in 12 10 8; do
         bench "9b_z3_ac_x$k" 200 $S9 --steps 2 --warmup 1 --set engine.zero_stage=3 "${AC[@]}" --set engine.loss_chunk_tokens=4096 \
-          $(batch $((32 * k)) $((64 * k))) && break
+          $(batch $((32 * k)) $((64 * k)))
+        (( $? == 1 )) || break  # stop at the first that fits, or when the budget is spent
       done ;;
     3b_loop) loop 3b_loop 300 $S3 ;;
     traffic) # bytes/FLOPs counted on the meta device, every matmul shape timed on the GPU under cuBLAS and cuBLASLt
       bench traffic_3b 90 $S3 --traffic --time-gemms --set engine.fuse_datasets=true
       bench traffic_9b 90 $S9 --traffic --time-gemms --set engine.fuse_datasets=true ;;
+    next) # the next GPU session's plan, most informative first (about 7 minutes, then 9b_z3_ac as the budget allows)
+      for v in 3b_z2_fused traffic 3b_z2_fused_cublaslt 3b_z2_fused_compile 3b_z2 9b_z2_fused 3b_ddp 9b_z3_ac; do run_variant $v; done ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac
 }

@@ -1,0 +1,58 @@
+"""`tools/gpu_session.sh` / `tools/gpu_bench.sh` on the CPU (TINY=1: tiny models, one step each): the next GPU
+session's plan runs every variant it names without a failure, and a time budget skips what it cannot fit, so a
+device call returns with every line written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engines_launch import env
+
+REPO = Path(__file__).resolve().parents[2]
+NEXT = ["3b_z2_fused", "traffic_3b", "traffic_9b", "3b_z2_fused_cublaslt", "3b_z2_fused_compile", "3b_z2", "9b_z2_fused",
+        "3b_ddp", "9b_z3_ac_x12"]
+
+
+def _session(out: Path, budget_s: int, min_variant_s: int = 45) -> tuple[list[dict], float]:
+    started = time.monotonic()
+    proc = subprocess.run([str(REPO / "tools" / "gpu_session.sh"), str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**env(), "TINY": "1", "BUDGET_S": str(budget_s), "MIN_VARIANT_S": str(min_variant_s)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()], time.monotonic() - started
+
+
+def test_only_sync_warnings_count_as_host_syncs():
+    """`host_syncs_per_step` counts torch's sync-debug warnings (libc10_cuda's text), not a step's other warnings."""
+    from of_ds.engines.bench_step import is_sync_warning
+
+    assert is_sync_warning(UserWarning("called a synchronizing CUDA operation"))
+    assert not is_sync_warning(FutureWarning("`torch.distributed._all_gather_base` is a private function and will be deprecated"))
+    assert not is_sync_warning(UserWarning("gemm_and_bias error: CUBLAS_STATUS_NOT_SUPPORTED. Will attempt to recover by calling cublas instead."))
+
+
+@pytest.mark.slow
+def test_the_next_plan_runs_every_variant(tmp_path):
+    lines, _ = _session(tmp_path, budget_s=1200)
+    assert [line["name"] for line in lines] == NEXT
+    failed = [line["name"] for line in lines if line.get("failed") or line.get("skipped")]
+    assert not failed, (tmp_path / "log.txt").read_text()[-5000:]
+    assert all("step_time_s" in line for line in lines if not line["name"].startswith("traffic"))
+    assert all(line["projected_ms"]["total"] > 0 for line in lines if line["name"].startswith("traffic"))
+    assert {"ops_3b_z2.txt", "ops_3b_z2_fused.txt", "versions.txt", "log.txt"} <= {p.name for p in tmp_path.iterdir()}
+    assert "torch" in (tmp_path / "versions.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_budget_skips_what_it_cannot_fit(tmp_path):
+    lines, seconds = _session(tmp_path, budget_s=60, min_variant_s=30)
+    assert [line["name"] for line in lines] == NEXT  # every line written
+    assert "step_time_s" in lines[0]
+    skipped = [i for i, line in enumerate(lines) if line.get("skipped") == "budget"]
+    assert skipped and skipped == list(range(skipped[0], len(NEXT)))  # once skipped, nothing later starts
+    assert all(lines[i]["left_s"] < 30 for i in skipped)
+    assert seconds < 60 + 20

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call of the step-speed plan (issue 7): install the carried wheels, record the versions, then run
+# tools/gpu_bench.sh inside the call's time.
+#   tools/gpu_session.sh OUTDIR [VARIANT ...]      (default: next)
+# On the device machine: carry [".whl"] (from ../shared/device/make-wheels.sh), command
+#   bash tools/gpu_session.sh $OUT, timeout_s 600. BUDGET_S (default 540, counted from this script's start) is what
+# gpu_bench.sh may use: it cuts or skips variants so that the call returns with every line written.
+set -uo pipefail
+out=${1:?usage: tools/gpu_session.sh OUTDIR [VARIANT ...]}
+shift
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+if ! python3 -c "import deepspeed, open_clip, webdataset, pydantic" 2>/dev/null && [[ -d .whl ]]; then
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$out/log.txt" 2>&1; then
+    echo "installing .whl failed:" >&2
+    tail -20 "$out/log.txt" >&2
+    exit 1
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1  # the machine's 9.0a is more than DeepSpeed's op builder parses
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+  python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1
+} >"$out/versions.txt"
+cat "$out/versions.txt"
+BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=$(( BUDGET_S - SECONDS )) exec bash tools/gpu_bench.sh "$out" "${@:-next}"

@@ -92,7 +92,11 @@ class TorchEngine:
             autocast_precision = eng.precision if eng.precision.startswith("amp_") else None
         else:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC) if runtime.distributed else model
+            # gradients as views into DDP's all-reduce buckets: no copy of every gradient into its bucket and back
+            self.wrapped = (
+                nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC)
+                if runtime.distributed else model
+            )
             autocast_precision = eng.precision if eng.precision != "fp32" else None
         self.autocast_dtype = _DTYPES.get(autocast_precision) if autocast_precision else None
         self.scaler = torch.amp.GradScaler(runtime.device.type) if self.autocast_dtype == torch.float16 else None

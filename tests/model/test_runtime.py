@@ -110,7 +110,8 @@ def test_flops_meta_equals_real_and_scale_with_batch(tiny_tokenizer_dir):
     assert f_real == f_meta > 0
     assert all(p.grad is None for p in real.parameters())
     double = [{k: (2 * v[0],) + tuple(v[1:]) for k, v in s.items()} for s in shapes]
-    assert count_step_flops(meta, double) == 2 * f_meta
+    # to a few FLOPs: transformers 5.17's llama computes its rotary angles for one row per dataset (256 FLOPs here)
+    assert count_step_flops(meta, double) == pytest.approx(2 * f_meta, rel=1e-5)
     parts = forward_flops_by_part(meta, shapes)
     assert all(v > 0 for v in parts.values()) and sum(parts.values()) == 2 * parts["total"]
     # the LM head: 2 * tokens * hidden * vocab (LM matrix + new-token table)

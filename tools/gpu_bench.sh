@@ -4,7 +4,7 @@
 # Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2 and
 # 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt
 # (cProfile). `traffic` times no step: the --traffic count of 3B and 9B, each matmul shape timed on the GPU.
-# A failed variant writes {"name", "failed": true}.
+# A failed variant writes {"name", "failed": true} (with "timed_out": true and "limit_s" where it ran out of time).
 # BUDGET_S=N: this run may take N seconds (a device call's limit, less the install): each variant's time limit is cut
 # to what is left, and a variant that would get less than MIN_VARIANT_S (default 45) writes {"name", "skipped":
 # "budget", "left_s"} instead of starting. Variant `next` is the next GPU session's plan, most informative first (see
@@ -15,6 +15,9 @@ set -uo pipefail
 out=${1:?usage: tools/gpu_bench.sh OUTDIR [VARIANT ...]}
 shift
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+STDOUT=$(mktemp)  # one variant's stdout, outside OUTDIR (whose files a device call brings back)
+trap 'rm -f "$STDOUT"' EXIT
 cd "$(dirname "$0")/.."
 S3=launch/specs/openflamingo-3b.yaml
 S9=launch/specs/openflamingo-9b.yaml
@@ -40,18 +43,28 @@ time_limit() {  # NAME LIMIT_S: prints the limit the budget leaves; fails (after
 }
 batch() { echo --set data.datasets.mmc4.batch_size="$1" --set data.datasets.laion.batch_size="$2"; }
 
-bench() {  # NAME LIMIT_S SPEC [bench_step args...]; returns 1 if it failed, 2 if the budget skipped it
-  local name=$1 limit spec=$3 line
+failed() {  # NAME RC LIMIT_S: the line of a variant that wrote no result; returns 3 if it ran out of time, else 1
+  if (( $2 == 124 || $2 == 137 )); then  # timeout's TERM, or its KILL 10 s later
+    echo "{\"name\": \"$1\", \"failed\": true, \"timed_out\": true, \"limit_s\": $3}" | tee -a "$out/bench.jsonl"
+    return 3
+  fi
+  echo "{\"name\": \"$1\", \"failed\": true}" | tee -a "$out/bench.jsonl"
+  return 1
+}
+
+bench() {  # NAME LIMIT_S SPEC [bench_step args...]; returns 1 if it failed, 2 if the budget skipped it, 3 if it timed out
+  local name=$1 limit spec=$3 line rc
   limit=$(time_limit "$1" "$2") || return 2
   shift 3
   echo "== $name $(date +%T)" | tee -a "$out/log.txt"
-  line=$(timeout -k 10 "$limit" python3 tools/bench_step --spec "$spec" "${TINY_ARGS[@]}" "$@" 2>>"$out/log.txt" | grep '^{' | tail -1)
+  timeout -k 10 "$limit" python3 tools/bench_step --spec "$spec" "${TINY_ARGS[@]}" "$@" 2>>"$out/log.txt" >"$STDOUT"
+  rc=$?
+  line=$(grep '^{' "$STDOUT" | tail -1)
   if [[ $line == "{"* ]]; then
     echo "{\"name\": \"$name\", ${line#\{}" | tee -a "$out/bench.jsonl"
     return 0
   fi
-  echo "{\"name\": \"$name\", \"failed\": true}" | tee -a "$out/bench.jsonl"
-  return 1
+  failed "$name" "$rc" "$limit"
 }
 
 loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo shards (carry demo_data/{laion,mmc4,tokenizer})
@@ -68,10 +81,12 @@ loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo
   if [[ ${TINY:-0} == 1 ]]; then spec=launch/specs/demo.yaml; sets=(--set run.max_steps=2 --set logging.every_n_steps=1 --set run.output_dir=$run --set run.name=$name); fi
   echo "== $name $(date +%T)" | tee -a "$out/log.txt"
   rm -rf "$run/$name"
-  if timeout -k 10 "$limit" python3 launch/train.py --spec "$spec" "${sets[@]}" >>"$out/log.txt" 2>&1; then
+  timeout -k 10 "$limit" python3 launch/train.py --spec "$spec" "${sets[@]}" >>"$out/log.txt" 2>&1
+  local rc=$?
+  if (( rc == 0 )); then
     echo "{\"name\": \"$name\", \"metrics\": $(tail -1 "$run/$name/metrics.jsonl")}" | tee -a "$out/bench.jsonl"
   else
-    echo "{\"name\": \"$name\", \"failed\": true}" | tee -a "$out/bench.jsonl"
+    failed "$name" "$rc" "$limit"
   fi
 }
 
@@ -98,13 +113,13 @@ run_variant() {
       for k in 12 10 8; do
         bench "9b_z3_ac_x$k" 200 $S9 --steps 2 --warmup 1 --set engine.zero_stage=3 "${AC[@]}" --set engine.loss_chunk_tokens=4096 \
           $(batch $((32 * k)) $((64 * k)))
-        (( $? == 1 )) || break  # stop at the first that fits, or when the budget is spent
+        (( $? == 1 )) || break  # a smaller batch only after a failure (out of memory), not after a timeout or skip
       done ;;
     3b_loop) loop 3b_loop 300 $S3 ;;
     traffic) # bytes/FLOPs counted on the meta device, every matmul shape timed on the GPU under cuBLAS and cuBLASLt
       bench traffic_3b 90 $S3 --traffic --time-gemms --set engine.fuse_datasets=true
       bench traffic_9b 90 $S9 --traffic --time-gemms --set engine.fuse_datasets=true ;;
-    next) # the next GPU session's plan, most informative first (about 7 minutes, then 9b_z3_ac as the budget allows)
+    next) # the next GPU session's plan, most informative first (about 8 minutes, then 9b_z3_ac as the budget allows)
       for v in 3b_z2_fused traffic 3b_z2_fused_cublaslt 3b_z2_fused_compile 3b_z2 9b_z2_fused 3b_ddp 9b_z3_ac; do run_variant $v; done ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac

@@ -3,13 +3,14 @@
 # tools/gpu_bench.sh inside the call's time.
 #   tools/gpu_session.sh OUTDIR [VARIANT ...]      (default: next)
 # On the device machine: carry [".whl"] (from ../shared/device/make-wheels.sh), command
-#   bash tools/gpu_session.sh $OUT, timeout_s 600. BUDGET_S (default 540, counted from this script's start) is what
-# gpu_bench.sh may use: it cuts or skips variants so that the call returns with every line written.
+#   bash tools/gpu_session.sh $OUT, timeout_s 600. BUDGET_S (default 540, counted from this script's start; 0: none) is
+# what gpu_bench.sh may use: it cuts or skips variants so that the call returns with every line written.
 set -uo pipefail
 out=${1:?usage: tools/gpu_session.sh OUTDIR [VARIANT ...]}
 shift
-cd "$(dirname "$0")/.."
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
 if ! python3 -c "import deepspeed, open_clip, webdataset, pydantic" 2>/dev/null && [[ -d .whl ]]; then
   if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$out/log.txt" 2>&1; then
     echo "installing .whl failed:" >&2
@@ -25,4 +26,8 @@ export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1  # the machine's 9.0a is more
 } >"$out/versions.txt"
 cat "$out/versions.txt"
 BUDGET_S=${BUDGET_S:-540}
-BUDGET_S=$(( BUDGET_S - SECONDS )) exec bash tools/gpu_bench.sh "$out" "${@:-next}"
+if (( BUDGET_S > 0 )); then  # what the install and the versions left of it (0: no budget)
+  BUDGET_S=$(( BUDGET_S - SECONDS ))
+  (( BUDGET_S > 0 )) || BUDGET_S=1
+fi
+BUDGET_S=$BUDGET_S exec bash tools/gpu_bench.sh "$out" "${@:-next}"

@@ -234,7 +234,7 @@ def time_back_to_back(train_step, steps: int, device: torch.device, sync) -> lis
 def is_sync_warning(message) -> bool:
     """torch's sync-debug warning ("called a synchronizing CUDA operation"), not the other warnings a step may raise
     (deprecations, cuBLASLt falling back to cuBLAS)."""
-    return "synchronizing" in str(message)
+    return "called a synchronizing CUDA operation" in str(message)
 
 
 def count_host_syncs(train_step) -> dict:

@@ -28,15 +28,19 @@ def sync_free_ds_config(ds_config: dict, world_size: int, device_skip: bool) -> 
     """Settings that cost work a step does not need:
     - `overlap_comm` on one rank (nothing to overlap): ZeRO-1/2 then synchronize the device before every gradient
       bucket's reduction, in the middle of the backward;
-    - `reduce_scatter` on one rank: ZeRO-1/2's reduce-scatter path still divides every gradient bucket by the world
-      size (1) and copies it once more, 20 bytes per trainable parameter in the backward where the all-reduce path
-      (whose averaging is skipped at a divisor of 1) moves 12; the gradients are the same bits either way;
+    - `reduce_scatter` on one rank, unless the config sets it or scales the gradients before or after averaging:
+      its path divides every gradient bucket by the world size (1), a pass over the bf16 gradients (2 bytes read and
+      2 written per trainable parameter) that the all-reduce path skips at a divisor of 1; the same bits either way;
     - bf16 `check_grad_overflow` where the fused optimizer skips a non-finite update on the device instead (a host
       sync)."""
     zero = dict(ds_config.get("zero_optimization", {}))
     out = dict(ds_config)
     if world_size == 1 and zero.get("stage") in (1, 2):
-        out["zero_optimization"] = {**zero, "overlap_comm": False, "reduce_scatter": False}
+        zero["overlap_comm"] = False
+        plain_average = ds_config.get("gradient_predivide_factor", 1.0) == 1.0 and not ds_config.get("prescale_gradients", False)
+        if "reduce_scatter" not in zero and plain_average:
+            zero["reduce_scatter"] = False
+        out["zero_optimization"] = zero
     if device_skip:
         out["bf16"] = {**out.get("bf16", {}), "check_grad_overflow": False}
     return out

@@ -92,7 +92,7 @@ class TorchEngine:
             autocast_precision = eng.precision if eng.precision.startswith("amp_") else None
         else:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            # gradients as views into DDP's all-reduce buckets: no copy of every gradient into its bucket and back
+            # gradients as views into DDP's all-reduce buckets: no copy of the reduced buckets back into .grad
             self.wrapped = (
                 nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC)
                 if runtime.distributed else model

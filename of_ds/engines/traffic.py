@@ -117,8 +117,8 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
     rate. On a GPU each shape is timed under both of torch's BLAS libraries (cuBLAS, torch's default for matmuls
     without a bias, and cuBLASLt, which it uses for those with one; `TORCH_BLAS_PREFER_CUBLASLT=1` makes it the
     default for all): `ms_by_blas` per shape and `gemm_ms_by_blas` for the step (`compare_blas`, default on a GPU).
-    Where a library refuses a shape, torch warns and runs the other one: the row's `blas_fell_back` names it (its
-    time is the other library's). Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
+    Where cuBLASLt refuses a shape (with either preference: a matmul with a bias goes to it under both), torch warns
+    and runs cuBLAS: the row's `cublaslt_refused_in` names the runs whose time is cuBLAS's. Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
     cuda = device.type == "cuda"
     compare = cuda if compare_blas is None else compare_blas
     in_effect = torch.backends.cuda.preferred_blas_library().name.lower() if compare else device.type
@@ -136,6 +136,8 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
                     seconds[library] = _time_op(TIMED_GEMMS[name], inputs, repeats, cuda)
                 if any(BLAS_FALLBACK in str(w.message) for w in caught):
                     fell_back.append(library)
+                for w in caught:  # still to the log, once each
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 totals[library] += seconds[library] * tally.calls
             own = seconds[in_effect]
             row = {"op": name, "shapes": dims, "transposed": transposed, "calls": tally.calls, "tflop": round(tally.flops / 1e12, 3),
@@ -143,7 +145,7 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
             if compare:
                 row["ms_by_blas"] = {k: round(v * 1e3, 5) for k, v in seconds.items()}
             if fell_back:
-                row["blas_fell_back"] = fell_back  # that library refused the shape: torch timed its fallback
+                row["cublaslt_refused_in"] = fell_back  # the runs (by preference) in which torch fell back to cuBLAS
             shapes.append(row)
             del inputs
     finally:
@@ -153,7 +155,7 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
            "gemm_ms": round(totals[in_effect] * 1e3, 2), "shapes": shapes}
     if compare:
         out["gemm_ms_by_blas"] = {k: round(v * 1e3, 2) for k, v in totals.items()}
-    out["shapes_fell_back"] = sum(1 for row in shapes if "blas_fell_back" in row)
+    out["shapes_cublaslt_refused"] = sum(1 for row in shapes if "cublaslt_refused_in" in row)
     return out
 
 

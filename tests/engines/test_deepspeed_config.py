@@ -73,3 +73,18 @@ def test_offload_from_spec_when_config_says_auto(tmp_path):
     cfg, _ = resolve_deepspeed_config(s, 1, {"zero_optimization": {"stage": "auto"}})
     z = cfg["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"] == {"device": "nvme", "nvme_path": "/nvme"} and z["offload_param"]["device"] == "cpu"
+
+
+def test_one_rank_turns_reduce_scatter_off_only_where_it_is_the_default():
+    """`sync_free_ds_config` on one rank: overlap_comm off; reduce_scatter off unless the config sets it or scales
+    the gradients around the averaging (then DeepSpeed's own choice stands); nothing on more ranks or ZeRO-3."""
+    from of_ds.engines.deepspeed_patches import sync_free_ds_config
+
+    base = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
+    assert sync_free_ds_config(base, 1, False)["zero_optimization"] == {"stage": 2, "overlap_comm": False, "reduce_scatter": False}
+    assert sync_free_ds_config(base, 2, False)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert sync_free_ds_config({"zero_optimization": {"stage": 1, "reduce_scatter": True}}, 1, False)["zero_optimization"]["reduce_scatter"] is True
+    for scaled in ({"gradient_predivide_factor": 2.0}, {"prescale_gradients": True}):
+        assert "reduce_scatter" not in sync_free_ds_config({**base, **scaled}, 1, False)["zero_optimization"]
+    assert sync_free_ds_config({"zero_optimization": {"stage": 3}}, 1, False)["zero_optimization"] == {"stage": 3}
+    assert base == {"zero_optimization": {"stage": 2, "overlap_comm": True}}  # the caller's dict is left alone

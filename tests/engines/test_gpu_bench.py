@@ -37,7 +37,7 @@ def test_only_sync_warnings_count_as_host_syncs():
 
 @pytest.mark.slow
 def test_the_next_plan_runs_every_variant(tmp_path):
-    lines, _ = _session(tmp_path, budget_s=1200)
+    lines, _ = _session(tmp_path, budget_s=0)  # no budget
     assert [line["name"] for line in lines] == NEXT
     failed = [line["name"] for line in lines if line.get("failed") or line.get("skipped")]
     assert not failed, (tmp_path / "log.txt").read_text()[-5000:]
@@ -49,10 +49,10 @@ def test_the_next_plan_runs_every_variant(tmp_path):
 
 @pytest.mark.slow
 def test_the_budget_skips_what_it_cannot_fit(tmp_path):
-    lines, seconds = _session(tmp_path, budget_s=60, min_variant_s=30)
+    lines, seconds = _session(tmp_path, budget_s=90, min_variant_s=45)
     assert [line["name"] for line in lines] == NEXT  # every line written
     assert "step_time_s" in lines[0]
     skipped = [i for i, line in enumerate(lines) if line.get("skipped") == "budget"]
     assert skipped and skipped == list(range(skipped[0], len(NEXT)))  # once skipped, nothing later starts
-    assert all(lines[i]["left_s"] < 30 for i in skipped)
-    assert seconds < 60 + 20
+    assert all(lines[i]["left_s"] < 45 for i in skipped)
+    assert seconds < 90 + 30  # a variant's limit is cut to the budget left (and its kill comes 10 s after)

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-1/2 on one rank: `sync_free_ds_config` turns `reduce_scatter` off there. The gradients, and so the
-weights, are the same bits; the backward moves 8 bytes per trainable parameter less (a division of every gradient
-bucket by the world size, 1, and one copy)."""
+weights, are the same bits; the byte counter counts 8 bytes per trainable parameter less in the backward: the
+division of every gradient bucket by the world size (1), and a copy of a bucket onto itself, which torch skips."""
 
 from __future__ import annotations
 

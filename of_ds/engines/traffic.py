@@ -118,7 +118,8 @@ def time_gemm_shapes(traffic: StepTraffic, device: torch.device, dtype: torch.dt
     without a bias, and cuBLASLt, which it uses for those with one; `TORCH_BLAS_PREFER_CUBLASLT=1` makes it the
     default for all): `ms_by_blas` per shape and `gemm_ms_by_blas` for the step (`compare_blas`, default on a GPU).
     Where cuBLASLt refuses a shape (with either preference: a matmul with a bias goes to it under both), torch warns
-    and runs cuBLAS: the row's `cublaslt_refused_in` names the runs whose time is cuBLAS's. Seconds on a GPU; at a recipe's sizes, slow on a CPU."""
+    and runs cuBLAS: the row's `cublaslt_refused_in` names the runs whose time is cuBLAS's. Seconds on a GPU; at a
+    recipe's sizes, slow on a CPU."""
     cuda = device.type == "cuda"
     compare = cuda if compare_blas is None else compare_blas
     in_effect = torch.backends.cuda.preferred_blas_library().name.lower() if compare else device.type

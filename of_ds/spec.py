@@ -39,6 +39,12 @@ class VisionSpec(_Section):
     config: Optional[dict[str, Any]] = Field(
         None, description="An open_clip model config (embed_dim, vision_cfg, text_cfg) registered under `name`; for tiny test models."
     )
+    quick_gelu: Optional[bool] = Field(
+        None,
+        description="The MLP activation x*sigmoid(1.702x) that OpenAI's CLIP weights were trained with. null: as the "
+        "pretrained tag was trained (true for the `openai` tags; open_clip 3 would build GELU and only warn), else the "
+        "config's own `quick_gelu`. Set true for an OpenAI checkpoint given as a file.",
+    )
     cache_dir: Optional[str] = Field(None, description="Where open_clip caches downloaded weights.")
 
 

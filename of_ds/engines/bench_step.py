@@ -2,7 +2,7 @@
 batches of its shapes, and print one JSON line (step time, samples/s, TFLOP/s, MFU, peak memory).
 
 Nothing is downloaded: an LM given by hub name is replaced by a randomly initialised config of its size (MPT-1B:
-d_model 2048, 24 layers, 16 heads; MPT-7B: 4096, 32, 32; vocab 50432; unknown names get MPT-1B), the vision tower is built unpretrained, and the tokenizer
+d_model 2048, 24 layers, 16 heads; MPT-7B: 4096, 32, 32; vocab 50432; unknown names get MPT-1B), the vision tower is built unpretrained (with the activation its pretrained tag was trained with), and the tokenizer
 is a local word-level vocabulary of the LM's size. `--tiny` shrinks model and batches so it runs on a CPU;
 `--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
 dispatches, measurable on a CPU). `--traffic` times nothing: it counts one step's bytes and FLOPs on the meta device
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.vision import uses_quick_gelu
 from ..spec import RunSpec
 
 MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_layers": 24, "n_heads": 16, "vocab_size": 50432, "max_seq_len": 2048, "expansion_ratio": 4}
@@ -56,6 +57,7 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path, skel
     data = spec.to_dict()
     m = data["model"]
     m["offline"] = True
+    m["vision"]["quick_gelu"] = uses_quick_gelu(spec.model.vision)
     m["vision"]["pretrained"] = None
     if m["lm"]["config"] is None:
         config = KNOWN_LM_CONFIGS.get(m["lm"]["name_or_path"], MPT_1B)

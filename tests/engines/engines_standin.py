@@ -10,8 +10,9 @@ TINY_MODEL = {
     "vision": {
         "name": "engines-vit-tiny",
         "pretrained": None,
-        "config": {
+        "config": {  # QuickGELU, as the recipes' OpenAI tower: every engine path runs it folded (fold_quick_gelu)
             "embed_dim": 32,
+            "quick_gelu": True,
             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16, "mlp_ratio": 2.0},
             "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1},
         },

@@ -34,10 +34,12 @@ def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = Tr
     if spec.config is not None:
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        check_native_mpt_config(config)
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **_attn_kwargs(spec, config))
     else:
         common = dict(trust_remote_code=spec.trust_remote_code, cache_dir=spec.cache_dir, local_files_only=offline)
         config = AutoConfig.from_pretrained(spec.name_or_path, **common)
+        check_native_mpt_config(config)
         if not load_weights:
             lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **_attn_kwargs(spec, config))
         else:
@@ -49,6 +51,33 @@ def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = Tr
             print(f"[of_ds] model.lm.attention=sdpa: {type(lm).__name__} is not transformers' MPT (remote code?); "
                   f"its attention is left as it is", flush=True)
     return lm
+
+
+def check_native_mpt_config(config) -> None:
+    """transformers' MPT implements one MPT variant and accepts the settings of others without a word: it has no
+    QK LayerNorm (MPT-1B, e.g. anas-awadalla/mpt-1b-redpajama-200b converted from MosaicGPT, uses it), no logit
+    scale, no biases, multi-head attention and ALiBi with a maximum bias of 8 only. A config with any other setting
+    would load into a different function; refuse it, naming the setting."""
+    if getattr(config, "model_type", None) != "mpt":
+        return
+    attn = config.attn_config
+    get = (lambda k, d=None: attn.get(k, d)) if isinstance(attn, dict) else (lambda k, d=None: getattr(attn, k, d))
+    unsupported = {
+        "attn_config.qk_ln": get("qk_ln", False),
+        "attn_config.alibi": not get("alibi", True),
+        "attn_config.alibi_bias_max": get("alibi_bias_max", 8) != 8,
+        "attn_config.attn_type": get("attn_type", "multihead_attention") != "multihead_attention",
+        "logit_scale": getattr(config, "logit_scale", None) is not None,
+        "no_bias": not getattr(config, "no_bias", True),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        values = {k: (get(k.split(".", 1)[1]) if k.startswith("attn_config.") else getattr(config, k, None)) for k in bad}
+        raise ValueError(
+            f"model.lm: this MPT config sets {values}, which transformers' MptForCausalLM ignores (it would compute "
+            "another function than the checkpoint was trained with). Use a checkpoint without these settings, or an "
+            "LM family transformers implements fully."
+        )
 
 
 def _attn_kwargs(spec: LMSpec, config) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -11,22 +12,42 @@ PAD_TOKEN = "<PAD>"
 
 
 def load_tokenizer(name_or_path: str, *, offline: bool = False, trust_remote_code: bool = False, cache_dir: str | None = None):
-    """Load an HF tokenizer and add `<image>`, `<|endofchunk|>` and (if missing) a pad token distinct from eos."""
+    """Load an HF tokenizer and add `<image>`, `<|endofchunk|>` and, as the original did, `<PAD>` where the
+    tokenizer's files name no pad token (or pad is eos)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(
         name_or_path, local_files_only=offline, trust_remote_code=trust_remote_code, cache_dir=cache_dir
     )
-    add_flamingo_tokens(tok)
+    add_flamingo_tokens(tok, pad_in_files=pad_token_in_files(name_or_path, offline=offline, cache_dir=cache_dir))
     return tok
 
 
-def add_flamingo_tokens(tok) -> None:
-    """Add the media and end-of-chunk tokens, and a real pad token (pad=eos would make eos unlearnable)."""
+def pad_token_in_files(name_or_path: str, *, offline: bool = False, cache_dir: str | None = None) -> bool:
+    """Whether the tokenizer's own files (tokenizer_config.json, special_tokens_map.json) name a pad token.
+
+    transformers 5 gives some tokenizer classes a pad token by default (GPT-NeoX, MPT's tokenizer: `<|padding|>`),
+    which transformers 4, the original's, did not: there the original added `<PAD>`, so its MPT vocabulary (and
+    every released MPT checkpoint's matrix) has 50280 rows, where the class default would give 50279."""
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+    from transformers.utils import cached_file
+
+    if get_tokenizer_config(name_or_path, cache_dir=cache_dir, local_files_only=offline).get("pad_token") is not None:
+        return True
+    path = cached_file(
+        name_or_path, "special_tokens_map.json", cache_dir=cache_dir, local_files_only=offline,
+        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+    )
+    return path is not None and json.loads(Path(path).read_text()).get("pad_token") is not None
+
+
+def add_flamingo_tokens(tok, *, pad_in_files: bool = True) -> None:
+    """Add the media and end-of-chunk tokens, and a real pad token (pad=eos would make eos unlearnable): `<PAD>`
+    where the tokenizer has none, pad is eos, or its pad is a class default rather than in its files."""
     new = [t for t in (EOC_TOKEN, MEDIA_TOKEN) if t not in tok.get_vocab()]
     if new:
         tok.add_tokens(new, special_tokens=True)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id or not pad_in_files:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     tok.padding_side = "right"
 

@@ -41,9 +41,10 @@ class VisionSpec(_Section):
     )
     quick_gelu: Optional[bool] = Field(
         None,
-        description="The MLP activation x*sigmoid(1.702x) that OpenAI's CLIP weights were trained with. null: as the "
-        "pretrained tag was trained (true for the `openai` tags; open_clip 3 would build GELU and only warn), else the "
-        "config's own `quick_gelu`. Set true for an OpenAI checkpoint given as a file.",
+        description="The MLP activation x*sigmoid(1.702x) that OpenAI's CLIP weights were trained with. null: true "
+        "where the pretrained tag was trained with it (the `openai` tags, and some others; open_clip >= 2.29 would "
+        "build GELU and only warn) or the config sets it. Set true for an OpenAI checkpoint given as a file; false "
+        "to continue a run begun before of_ds built QuickGELU (its perceiver learned GELU features).",
     )
     cache_dir: Optional[str] = Field(None, description="Where open_clip caches downloaded weights.")
 

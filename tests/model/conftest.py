@@ -41,9 +41,9 @@ def lm_config(tokenizer_dir: str, family: str) -> dict:
     return cfg
 
 
-def tiny_spec(tokenizer_dir: str, family: str = "llama", every_n_layers: int = 2, **overrides) -> ModelSpec:
+def tiny_spec(tokenizer_dir: str, family: str = "llama", every_n_layers: int = 2, quick_gelu: bool | None = None, **overrides) -> ModelSpec:
     return ModelSpec(
-        vision=VisionSpec(name="test-vit-tiny", pretrained=None, config=TINY_VIT),
+        vision=VisionSpec(name="test-vit-tiny", pretrained=None, config=TINY_VIT, quick_gelu=quick_gelu),
         lm=LMSpec(name_or_path=None, config=lm_config(tokenizer_dir, family)),
         tokenizer=tokenizer_dir,
         perceiver=PerceiverSpec(depth=2, heads=2, dim_head=8, num_latents=4, ff_mult=2),

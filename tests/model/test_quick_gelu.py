@@ -38,6 +38,19 @@ def test_the_openai_tags_get_quick_gelu_others_what_they_were_trained_with():
     assert uses_quick_gelu(VisionSpec(name="ViT-B-32-quickgelu", pretrained=None))
     with pytest.raises(ValueError, match=r"model\.vision\.quick_gelu: false.*'ViT-B-32-quickgelu'"):
         uses_quick_gelu(VisionSpec(name="ViT-B-32-quickgelu", pretrained=None, quick_gelu=False))
+    assert uses_quick_gelu(VisionSpec(name="custom-qg", pretrained=None, config=QG_VIT))  # a custom config's key
+    assert not uses_quick_gelu(VisionSpec(name="custom-plain", pretrained=None, config=TINY_VIT))
+
+
+def test_a_meta_build_needs_no_weights_where_it_runs():
+    """Dry runs and counts build on the meta device: a checkpoint path that exists only on the cluster is fine
+    there (the real build names the field when the file is missing)."""
+    spec = VisionSpec(name="ViT-L-14", pretrained="/cluster/weights/ViT-L-14.pt", quick_gelu=True)
+    with torch.device("meta"):
+        visual, _, _ = build_vision_encoder(spec, load_weights=False, device="meta")
+    assert activations(visual) == [torch.nn.SiLU] * 24
+    with pytest.raises(ValueError, match=r"model\.vision\.pretrained: '/cluster/weights/ViT-L-14.pt' is neither"):
+        build_vision_encoder(spec, load_weights=True)
 
 
 def test_the_openai_recipe_tower_is_built_with_quick_gelu_without_its_weights():

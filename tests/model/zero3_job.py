@@ -25,14 +25,16 @@ def main() -> None:
     facts = {"llama": train_zero3(tok_dir, "llama", False), "opt": train_zero3(tok_dir, "opt", True)}
     # the loss in chunks recomputes the LM head in backward: ZeRO-3 must keep it gathered there
     facts["llama_chunked_loss"] = train_zero3(tok_dir, "llama", False, loss_chunk_tokens=5)
+    # a QuickGELU tower, folded (RescaledLinear reads its own partitioned weight in its forward)
+    facts["llama_quick_gelu"] = train_zero3(tok_dir, "llama", False, quick_gelu=True)
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(facts, f)
 
 
-def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_tokens: int = 0) -> dict:
+def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_tokens: int = 0, quick_gelu: bool = False) -> dict:
     rank = torch.distributed.get_rank()
-    model, _, tok = build_tiny(tok_dir, family, seed=0)
+    model, _, tok = build_tiny(tok_dir, family, seed=0, quick_gelu=quick_gelu)
     open_gates(model)
     model.set_activation_checkpointing(checkpointing)
     model.set_loss_chunking(loss_chunk_tokens)
@@ -43,6 +45,12 @@ def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_token
         "embed": model.lang_encoder.get_input_embeddings().weight.detach().clone(),
         "lm_head": model.lang_encoder.get_output_embeddings().weight.detach().clone(),
     }
+    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|><image>a dog", "<image>a cup of coffee<|endofchunk|>"])
+    torch.manual_seed(rank)
+    px = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():  # the first loss without ZeRO-3, for comparison
+        plain_loss = float(model(px, ids, mask, labels=ids, num_images=torch.tensor([2, 1])).loss)
+    silu = sum(isinstance(m, torch.nn.SiLU) for m in model.vision_encoder.modules())
     params = [p for p in model.parameters() if p.requires_grad]
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -51,9 +59,6 @@ def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_token
         "gradient_clipping": 1.0,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-2), config=config)
-    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|><image>a dog", "<image>a cup of coffee<|endofchunk|>"])
-    torch.manual_seed(rank)
-    px = torch.randn(2, 2, 3, 32, 32)
     losses = []
     for _ in range(3):
         loss = engine(px, ids, mask, labels=ids, num_images=torch.tensor([2, 1])).loss
@@ -64,6 +69,9 @@ def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_token
     with deepspeed.zero.GatheredParameters(list(m.parameters()), modifier_rank=None):
         facts = {
             "losses": losses,
+            "plain_first_loss": plain_loss,
+            "silu_in_tower": silu,
+            "tower_partitioned": all(hasattr(p, "ds_id") for p in m.vision_encoder.parameters()),
             "partitioned": hasattr(m.new_tokens.input.weight, "ds_id"),
             "table_changed": not torch.equal(m.new_tokens.input.weight.detach(), before["table"]),
             "head_changed": not torch.equal(m.new_tokens.output.weight.detach(), before["head"]),

@@ -53,6 +53,13 @@ def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = Tr
     return lm
 
 
+# the only values of these MPT settings that transformers' MptForCausalLM implements
+MPT_SUPPORTED = {
+    "attn_config.qk_ln": False, "attn_config.alibi": True, "attn_config.alibi_bias_max": 8,
+    "attn_config.attn_type": "multihead_attention", "logit_scale": None, "no_bias": True,
+}
+
+
 def check_native_mpt_config(config) -> None:
     """transformers' MPT implements one MPT variant and accepts the settings of others without a word: it has no
     QK LayerNorm (MPT-1B, e.g. anas-awadalla/mpt-1b-redpajama-200b converted from MosaicGPT, uses it), no logit
@@ -60,19 +67,14 @@ def check_native_mpt_config(config) -> None:
     would load into a different function; refuse it, naming the setting."""
     if getattr(config, "model_type", None) != "mpt":
         return
-    attn = config.attn_config
-    get = (lambda k, d=None: attn.get(k, d)) if isinstance(attn, dict) else (lambda k, d=None: getattr(attn, k, d))
-    unsupported = {
-        "attn_config.qk_ln": get("qk_ln", False),
-        "attn_config.alibi": not get("alibi", True),
-        "attn_config.alibi_bias_max": get("alibi_bias_max", 8) != 8,
-        "attn_config.attn_type": get("attn_type", "multihead_attention") != "multihead_attention",
-        "logit_scale": getattr(config, "logit_scale", None) is not None,
-        "no_bias": not getattr(config, "no_bias", True),
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        values = {k: (get(k.split(".", 1)[1]) if k.startswith("attn_config.") else getattr(config, k, None)) for k in bad}
+
+    def setting(key: str, default):
+        owner, _, name = key.rpartition(".")
+        obj = config.attn_config if owner else config
+        return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+    values = {k: v for k, default in MPT_SUPPORTED.items() if (v := setting(k, default)) != default}
+    if values:
         raise ValueError(
             f"model.lm: this MPT config sets {values}, which transformers' MptForCausalLM ignores (it would compute "
             "another function than the checkpoint was trained with). Use a checkpoint without these settings, or an "

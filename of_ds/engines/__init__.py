@@ -6,7 +6,10 @@ from .base import Engine, StepStats
 
 
 def build_engine(model, spec, runtime, total_steps: int, ds_config: dict | None = None) -> Engine:
-    """Wrap the plain model for `spec.engine.kind`; `ds_config` is the resolved DeepSpeed config (deepspeed only)."""
+    """Wrap the plain model for `spec.engine.kind`; `ds_config` is the resolved DeepSpeed config (deepspeed only).
+    The model is put in train mode, as the original's loop does: an LM loaded with `from_pretrained` comes in eval
+    mode, and its dropout (OPT's 0.1) would otherwise be off for the whole run."""
+    model.train()
     if spec.engine.compile:
         # in place, before any wrapper sees the modules
         model.compile_parts(spec.engine.compile_targets, **({} if spec.engine.compile_mode == "default" else {"mode": spec.engine.compile_mode}))

@@ -4,6 +4,11 @@ The LM's input matrix and output head stay untouched and frozen; a small input t
 new tokens (IDEFICS-style). This is ZeRO-3 safe (a slice of a partitioned weight cannot be trainable, DeepSpeed
 issue 5041) because every weight is used by calling the module that owns it. New ids may lie inside the LM
 matrix's padding rows (MPT: 50432 rows for 50277 tokens) or beyond it; both are routed to the tables.
+
+Only the rows of `trainable_ids` (`<image>` and `<|endofchunk|>`) learn, as the original's gradient mask
+(`train_utils.py`: every embedding row's gradient but those two zeroed): `<PAD>` and any other id past the LM's
+matrix keep their initial rows, in both tables. The tables' other rows get an exact zero gradient (so AdamW,
+without weight decay on them, never moves them), applied inside the modules' own forwards.
 """
 
 from __future__ import annotations
@@ -15,14 +20,54 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class NewTokenEmbeddings(nn.Module):
-    """Input table `input` [K, D] and output table `output` (Linear D->K, sharing `input.weight` when tied)."""
+class RowGradientMask:
+    """Mixin for a module with a `weight`: which of its rows receive gradients (a bool buffer, and a host flag so
+    that the forward never reads the device)."""
 
-    def __init__(self, new_token_ids: Sequence[int], base_vocab_size: int, vocab_size: int, dim: int, *, tied: bool):
+    def set_trainable_rows(self, trainable: Sequence[bool]) -> None:
+        self.all_rows_trainable = all(trainable)
+        self.register_buffer("trainable_rows", torch.tensor(list(trainable), dtype=torch.bool), persistent=False)
+
+    def masked_weight(self) -> torch.Tensor:
+        """`weight`, with the rows outside `trainable_rows` cut off from autograd (same values)."""
+        w = self.weight
+        return w if self.all_rows_trainable else torch.where(self.trainable_rows[:, None], w, w.detach())
+
+
+class PartlyTrainableEmbedding(nn.Embedding, RowGradientMask):
+    """An embedding table in which only the rows of `trainable` receive gradients."""
+
+    def __init__(self, num: int, dim: int, trainable: Sequence[bool]):
+        super().__init__(num, dim)
+        self.set_trainable_rows(trainable)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.masked_weight())
+
+
+class PartlyTrainableLinear(nn.Linear, RowGradientMask):
+    """A bias-free output table in which only the rows (output columns) of `trainable` receive gradients."""
+
+    def __init__(self, dim: int, num: int, trainable: Sequence[bool]):
+        super().__init__(dim, num, bias=False)
+        self.set_trainable_rows(trainable)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.masked_weight())
+
+
+class NewTokenEmbeddings(nn.Module):
+    """Input table `input` [K, D] and output table `output` (Linear D->K, sharing `input.weight` when tied); only
+    the rows of `trainable_ids` learn."""
+
+    def __init__(self, new_token_ids: Sequence[int], base_vocab_size: int, vocab_size: int, dim: int, *, tied: bool,
+                 trainable_ids: Sequence[int]):
         super().__init__()
         ids = sorted(set(int(i) for i in new_token_ids))
         if ids[-1] >= vocab_size:
             raise ValueError(f"new token id {ids[-1]} is outside the tokenizer's vocabulary ({vocab_size})")
+        if not set(trainable_ids) <= set(ids):
+            raise ValueError(f"trainable ids {sorted(set(trainable_ids) - set(ids))} are not among the new ids {ids}")
         self.base_vocab_size = int(base_vocab_size)
         self.vocab_size = int(vocab_size)  # the tokenizer's; the LM matrix may have more (padding) rows or fewer
         self.tied = tied
@@ -32,8 +77,9 @@ class NewTokenEmbeddings(nn.Module):
         self.register_buffer("slot_of_id", slot, persistent=False)
         # all new ids appended right after the matrix: logits are a plain concat
         self._appended = ids == list(range(self.base_vocab_size, self.vocab_size))
-        self.input = nn.Embedding(len(ids), dim)
-        self.output = nn.Linear(dim, len(ids), bias=False)
+        trainable = [i in set(trainable_ids) for i in ids]
+        self.input = PartlyTrainableEmbedding(len(ids), dim, trainable)
+        self.output = PartlyTrainableLinear(dim, len(ids), trainable)
         if tied:
             self.output.weight = self.input.weight
 

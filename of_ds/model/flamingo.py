@@ -95,7 +95,8 @@ class Flamingo(nn.Module):
         if base_out is None:
             raise ValueError(f"{type(lang_encoder).__name__} has no output embeddings module (get_output_embeddings() is None)")
         self.new_tokens = NewTokenEmbeddings(
-            token_ids.new, base_out.weight.shape[0], vocab_size, self.lang_dim, tied=base_out.weight is base_in.weight
+            token_ids.new, base_out.weight.shape[0], vocab_size, self.lang_dim, tied=base_out.weight is base_in.weight,
+            trainable_ids=(token_ids.media, token_ids.eoc),
         )
         if init_new_tokens:
             self.new_tokens.init_from(base_in, base_out)

@@ -68,6 +68,11 @@ class SkipCounter:
 def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int) -> TrainState:
     """Run until `total_steps` optimizer steps. On a resumed run the caller has already restored `data`."""
     per_epoch = optimizer_steps_per_epoch(data.steps_per_epoch, engine.grad_accum_steps)
+    left = data.steps_per_epoch - per_epoch * engine.grad_accum_steps
+    if left and runtime.is_main:
+        print(f"[of_ds] the last {left} micro-batch(es) of each epoch are not trained: an epoch has {data.steps_per_epoch} "
+              f"micro-steps per rank, not a multiple of optim.grad_accum_steps={engine.grad_accum_steps} (the original "
+              f"steps on the partial window)", flush=True)
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
     skips = SkipCounter(state)
     while state.step < total_steps:

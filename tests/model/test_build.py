@@ -97,9 +97,10 @@ def test_trainable_set(tiny_tokenizer_dir, family, freeze):
     if tied:  # one shared table, as the LM ties its own matrices
         assert model.new_tokens.output.weight is model.new_tokens.input.weight
     # gradients reach exactly the trainable set, and the new rows get them through both tables
-    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|>"])
+    ids, mask = encode(tok, ["<image>a photo of a cat<|endofchunk|>", "<image>a dog<|endofchunk|>"])
+    assert (ids == model.pad_token_id).any()  # <PAD> is an input too
     model.train()
-    out = model(torch.randn(1, 1, 3, 32, 32), ids, mask, labels=ids)
+    out = model(torch.randn(2, 1, 3, 32, 32), ids, mask, labels=ids)
     out.loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got <= names
@@ -110,6 +111,12 @@ def test_trainable_set(tiny_tokenizer_dir, family, freeze):
         media, eoc = nt.slot_of_id[model.media_token_id], nt.slot_of_id[model.eoc_token_id]
         assert nt.input.weight.grad[media].abs().sum() > 0  # <image> is an input
         assert nt.output.weight.grad[eoc].abs().sum() > 0  # <|endofchunk|> is a target
+        # only those two rows learn, as the original's gradient mask: <PAD> (an input here, and a logit in every
+        # softmax) and any other new id keep their initial rows
+        frozen = torch.ones(len(nt.new_ids), dtype=torch.bool)
+        frozen[media], frozen[eoc] = False, False
+        assert model.pad_token_id in nt.new_ids[frozen].tolist()
+        assert torch.count_nonzero(nt.input.weight.grad[frozen]) == torch.count_nonzero(nt.output.weight.grad[frozen]) == 0
 
 
 def test_token_ids_and_tables(tiny_tokenizer_dir):

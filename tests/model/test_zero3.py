@@ -26,6 +26,7 @@ def test_zero3_trains_new_token_tables_and_keeps_lm_frozen(tiny_tokenizer_dir, t
         if family.startswith("llama"):  # no dropout: the first ZeRO-3 loss is the unpartitioned model's (OPT's differs)
             assert facts["losses"][0] == pytest.approx(facts["plain_first_loss"], rel=1e-5), family
         assert facts["table_changed"] and facts["head_changed"], family
+        assert facts["frozen_rows"] >= 1 and facts["frozen_rows_unchanged"], family  # <PAD>'s row, as the original
         assert facts["embed_unchanged"] and facts["lm_head_unchanged"], family
         assert all(l == l for l in facts["losses"]) and facts["losses"][-1] < facts["losses"][0], family
         assert facts["export_keys"] > 0

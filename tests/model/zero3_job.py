@@ -58,7 +58,7 @@ def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_token
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "gradient_clipping": 1.0,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-2), config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0), config=config)  # no decay on the tables, as our param groups
     losses = []
     for _ in range(3):
         loss = engine(px, ids, mask, labels=ids, num_images=torch.tensor([2, 1])).loss
@@ -75,6 +75,12 @@ def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_token
             "partitioned": hasattr(m.new_tokens.input.weight, "ds_id"),
             "table_changed": not torch.equal(m.new_tokens.input.weight.detach(), before["table"]),
             "head_changed": not torch.equal(m.new_tokens.output.weight.detach(), before["head"]),
+            # <PAD> (an input in the padded second row) and any other new id: frozen rows, in both tables
+            "frozen_rows_unchanged": all(
+                torch.equal(t.weight.detach()[~t.trainable_rows], before[k][~t.trainable_rows].to(t.weight.dtype))
+                for t, k in ((m.new_tokens.input, "table"), (m.new_tokens.output, "head"))
+            ),
+            "frozen_rows": int((~m.new_tokens.input.trainable_rows).sum()),
             "embed_unchanged": torch.equal(m.lang_encoder.get_input_embeddings().weight.detach(), before["embed"]),
             "lm_head_unchanged": torch.equal(m.lang_encoder.get_output_embeddings().weight.detach(), before["lm_head"]),
             "export_keys": len(to_openflamingo_state_dict(m)),

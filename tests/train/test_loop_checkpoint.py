@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from engines_standin import StandInData, tiny_spec_dict
+from engines_standin import TINY_MODEL, StandInData, tiny_spec_dict
 from of_ds.spec import RunSpec
 from of_ds.train.checkpoint import CheckpointError, CheckpointManager, TrainState, complete_checkpoints
 
@@ -64,6 +64,49 @@ def test_exact_resume_and_checkpoint_files(tiny_tokenizer_dir, runtime, tmp_path
     for k in ("loss", "loss/laion", "loss/mmc4", "grad_norm", "lr"):
         assert got[4][k] == full[4][k], k
     assert not (ck2.root / "step-00000005").exists()  # the torn folder went with the next save
+
+
+def test_a_pretrained_lm_trains_with_its_dropout_and_resumes_exactly(tiny_tokenizer_dir, runtime, tmp_path):
+    """`from_pretrained` gives an LM in eval mode; the engine puts the model in train mode, as the original's loop
+    does, so the LM's dropout is on during training; a resumed run still repeats the uninterrupted one's losses
+    (the checkpoint holds every rank's RNG)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from of_ds.train.loop import train_loop
+    from of_ds.train.session import resume
+
+    config = AutoConfig.for_model(**TINY_MODEL["lm"]["config"], attention_dropout=0.5)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
+    lm = {"name_or_path": str(tmp_path / "lm"), "config": None}
+    every = {"every_n_steps": 1, "keep_last": 4}
+    spec, model, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "full", model={"lm": lm}, checkpoint=every)
+    assert model.training and model.lang_encoder.training and not model.vision_encoder.training
+    data.set_epoch(0)
+    batch = next(iter(data))["mmc4"]
+    with torch.no_grad():
+        twice = [float(model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                             num_images=batch["num_images"]).loss) for _ in range(2)]
+    assert twice[0] != twice[1]  # dropout is on
+    train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4)
+    full = rows(spec)
+
+    spec2, _, data2, engine2, ck2, m2 = make(tiny_tokenizer_dir, runtime, tmp_path, "resumed", model={"lm": lm})
+    shutil.copytree(ck.root / "step-00000002", ck2.root / "step-00000002")
+    state = resume(engine2, data2, ck2, ck2.latest(), spec2, runtime)
+    train_loop(engine2, data2, spec2, runtime, ck2, m2, state, 4)
+    got = rows(spec2)
+    for step in (3, 4):
+        assert got[step]["loss"] == full[step]["loss"] and got[step]["grad_norm"] == full[step]["grad_norm"], step
+
+
+def test_an_epoch_not_a_multiple_of_the_accumulation_says_what_is_left_out(tiny_tokenizer_dir, runtime, tmp_path, capsys):
+    from of_ds.train.loop import train_loop
+
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, optim={"grad_accum_steps": 4})
+    state = train_loop(engine, data, spec, runtime, ck, m, TrainState(), 2)  # 6 micro-steps an epoch: 1 step, 2 left
+    assert (state.epoch, state.step_in_epoch) == (1, 1)
+    assert "the last 2 micro-batch(es) of each epoch are not trained" in capsys.readouterr().out
 
 
 def test_world_size_change_is_a_clear_error(tiny_tokenizer_dir, runtime, tmp_path):

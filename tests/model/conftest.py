@@ -1,6 +1,12 @@
-"""Tiny Flamingo builders for the model tests: open_clip ViT and HF LMs from configs, the shared local tokenizer."""
+"""Tiny Flamingo builders for the model tests: open_clip ViT and HF LMs from configs, the shared local tokenizer;
+the original OpenFlamingo code from a local mirror (`original`)."""
 
 import functools
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +85,31 @@ def llama(tiny_tokenizer_dir):
     model, processor, tok = build_tiny(tiny_tokenizer_dir, "llama")
     open_gates(model)
     return model, tok
+
+
+MIRROR = Path(os.environ.get("OF_ORIGINAL_MIRROR", "/work/.mirror/mlfoundations+open_flamingo/repo"))
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """The original's (main branch) `Flamingo`, `FlamingoLMMixin` and `extend_instance`, its `open_flamingo/src` read
+    from the git mirror at MIRROR (nothing of it lives in this repo); skips the test without the mirror."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"no OpenFlamingo mirror at {MIRROR} (set OF_ORIGINAL_MIRROR)")
+    dest = tmp_path_factory.mktemp("open_flamingo")
+    archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "main", "open_flamingo/src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    import einops
+
+    # the original imports einops_exts.rearrange_many (a one-liner over einops) for its einsum attention
+    shim = types.ModuleType("einops_exts")
+    shim.rearrange_many = lambda ts, pattern, **kw: tuple(einops.rearrange(t, pattern, **kw) for t in ts)
+    sys.modules.setdefault("einops_exts", shim)
+    sys.path.insert(0, str(dest))
+    try:
+        from open_flamingo.src.flamingo import Flamingo
+        from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+        from open_flamingo.src.utils import extend_instance
+    finally:
+        sys.path.remove(str(dest))
+    return Flamingo, FlamingoLMMixin, extend_instance

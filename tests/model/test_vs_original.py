@@ -7,11 +7,7 @@ layout, the media pairing and the perceiver/cross-attention math against the rea
 """
 
 import copy
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,53 +22,34 @@ from .conftest import encode, lm_config, open_gates, tiny_spec
 from .test_build import bare_lm_like
 from .test_state import perturb_trainables
 
-MIRROR = Path(os.environ.get("OF_ORIGINAL_MIRROR", "/work/.mirror/mlfoundations+open_flamingo/repo"))
-
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory):
-    if not MIRROR.is_dir():
-        pytest.skip(f"no OpenFlamingo mirror at {MIRROR} (set OF_ORIGINAL_MIRROR)")
-    dest = tmp_path_factory.mktemp("open_flamingo")
-    archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "main", "open_flamingo/src"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    import einops
-
-    # the original imports einops_exts.rearrange_many (a one-liner over einops) for its einsum attention
-    shim = types.ModuleType("einops_exts")
-    shim.rearrange_many = lambda ts, pattern, **kw: tuple(einops.rearrange(t, pattern, **kw) for t in ts)
-    sys.modules.setdefault("einops_exts", shim)
-    sys.path.insert(0, str(dest))
-    try:
-        from open_flamingo.src.flamingo import Flamingo
-        from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-        from open_flamingo.src.utils import extend_instance
-    finally:
-        sys.path.remove(str(dest))
-    return Flamingo, FlamingoLMMixin, extend_instance
-
-
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "mpt"])
-def test_logits_equal_the_original_model(original, tiny_tokenizer_dir, family):
+def ours_and_original(original, tokenizer_dir: str, family: str):
+    """Our tiny Flamingo (open gates, perturbed trainables, the original's perceiver/cross-attention sizes) and the
+    original's Flamingo holding the same weights (our export loaded into it). -> (ours, theirs, tokenizer, model spec)"""
     OriginalFlamingo, FlamingoLMMixin, extend_instance = original
-    spec = tiny_spec(tiny_tokenizer_dir, family, every_n_layers=2)
+    spec = tiny_spec(tokenizer_dir, family, every_n_layers=2)
     spec.perceiver, spec.cross_attn = PerceiverSpec(), CrossAttnSpec(every_n_layers=2)  # the original's fixed sizes
     torch.manual_seed(0)
     ours, _, tok = build_flamingo(spec)
-    ours.eval()
     open_gates(ours)
     perturb_trainables(ours, 0)
 
-    lm = bare_lm_like(ours, lm_config(tiny_tokenizer_dir, family))
+    lm = bare_lm_like(ours, lm_config(tokenizer_dir, family))
     lm.resize_token_embeddings(len(tok), mean_resizing=False)
     extend_instance(lm, FlamingoLMMixin)
     lm.set_decoder_layers_attr_name(DECODER_LAYERS[lm.config.model_type])
     clip = types.SimpleNamespace(visual=copy.deepcopy(ours.vision_encoder))  # same frozen tower, tokens before ln_post
-    theirs = OriginalFlamingo(clip, lm, ours.eoc_token_id, ours.media_token_id, vis_dim=ours.vis_dim, cross_attn_every_n_layers=2).eval()
+    theirs = OriginalFlamingo(clip, lm, ours.eoc_token_id, ours.media_token_id, vis_dim=ours.vis_dim, cross_attn_every_n_layers=2)
     result = theirs.load_state_dict(to_openflamingo_state_dict(ours), strict=False)
     assert result.unexpected_keys == []
     # only frozen LM/vision weights and the original's duplicate registrations are not in the export
     assert not [k for k in result.missing_keys if "perceiver" in k or (".gated_cross_attn_layer." in k)]
+    return ours, theirs, tok, spec
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "mpt"])
+def test_logits_equal_the_original_model(original, tiny_tokenizer_dir, family):
+    ours, theirs, tok, _ = ours_and_original(original, tiny_tokenizer_dir, family)
+    ours.eval(), theirs.eval()
 
     ids, mask = encode(tok, [
         "a cat <image>a photo of a cat<|endofchunk|> the dog<image>a rocket launches<|endofchunk|>",

@@ -16,7 +16,7 @@ from .drops import DropSample
 from .images import ImageTransform, batch_pixels
 from .tokens import EOC, MEDIA, TokenInfo
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")  # the original's "jpg;png;jpeg" order, for a key with several
 WANTED_EXTS = frozenset(IMAGE_EXTS + ("txt",))
 
 class LaionPair(NamedTuple):

@@ -37,6 +37,16 @@ def test_laion_caption_template_labels_and_image(tmp_path, tokenizer, tok, photo
     assert drops == {}
 
 
+def test_laion_key_with_several_images_takes_the_originals_choice():
+    """The original reads a LAION sample's image as the first of jpg, png, jpeg ("jpg;png;jpeg")."""
+    from of_ds.data.laion import prepare_laion
+
+    sample = {"__key__": "k", "jpeg": b"jpeg", "png": b"png", "webp": b"webp", "txt": b"a cat"}
+    assert prepare_laion(sample).image == b"png"
+    assert prepare_laion({**sample, "jpg": b"jpg"}).image == b"jpg"
+    assert prepare_laion({k: v for k, v in sample.items() if k != "png"}).image == b"jpeg"
+
+
 def test_laion_long_caption_is_truncated_to_max_tokens(tmp_path, tokenizer, tok, photos):
     long = " ".join(["the dog runs across the green park"] * 10)
     (batch,), _ = run_dataset(tmp_path, laion_members("k", photos["camera"], long), tokenizer, kind="laion")

@@ -66,8 +66,9 @@ class NewTokenEmbeddings(nn.Module):
         ids = sorted(set(int(i) for i in new_token_ids))
         if ids[-1] >= vocab_size:
             raise ValueError(f"new token id {ids[-1]} is outside the tokenizer's vocabulary ({vocab_size})")
-        if not set(trainable_ids) <= set(ids):
-            raise ValueError(f"trainable ids {sorted(set(trainable_ids) - set(ids))} are not among the new ids {ids}")
+        wanted = set(trainable_ids)
+        if not wanted <= set(ids):
+            raise ValueError(f"trainable ids {sorted(wanted - set(ids))} are not among the new ids {ids}")
         self.base_vocab_size = int(base_vocab_size)
         self.vocab_size = int(vocab_size)  # the tokenizer's; the LM matrix may have more (padding) rows or fewer
         self.tied = tied
@@ -77,7 +78,7 @@ class NewTokenEmbeddings(nn.Module):
         self.register_buffer("slot_of_id", slot, persistent=False)
         # all new ids appended right after the matrix: logits are a plain concat
         self._appended = ids == list(range(self.base_vocab_size, self.vocab_size))
-        trainable = [i in set(trainable_ids) for i in ids]
+        trainable = [i in wanted for i in ids]
         self.input = PartlyTrainableEmbedding(len(ids), dim, trainable)
         self.output = PartlyTrainableLinear(dim, len(ids), trainable)
         if tied:

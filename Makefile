@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   installs what is missing, generates the demo data, trains launch/specs/demo.yaml with DeepSpeed
-#   make test   installs the test extras if missing, runs the whole test suite
+#   make test   installs the test extras (and the original OpenFlamingo, apart) if missing, runs the whole test suite
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -26,14 +26,22 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install install-test: $(VENV)/.installed
+# The original OpenFlamingo, released, for the side-by-side tests only: apart from the venv's packages, without its
+# dependencies (it pins torch 2.0.1); tests/model/conftest.py reads it from there
+ORIGINAL := $(VENV)/original
+$(ORIGINAL)/.installed: | $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --target $(ORIGINAL) open-flamingo==2.0.1
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed $(ORIGINAL)/.installed
 
 demo: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH $(DS_ENV) $(BIN)/deepspeed --num_gpus $(NUM_GPUS) launch/train.py \
 	  --deepspeed_config ds_configs/zero2.json --spec launch/specs/demo.yaml $(ARGS)
 
-test: $(VENV)/.installed
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: install-test
+	PATH=$(abspath $(BIN)):$$PATH OF_ORIGINAL_PACKAGE=$(abspath $(ORIGINAL)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs demo_data .pytest_cache

@@ -1,8 +1,9 @@
 """Tiny Flamingo builders for the model tests: open_clip ViT and HF LMs from configs, the shared local tokenizer;
-the original OpenFlamingo code from a local mirror (`original`)."""
+the original OpenFlamingo code, released or from a git mirror (`original`)."""
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -87,29 +88,50 @@ def llama(tiny_tokenizer_dir):
     return model, tok
 
 
+REPO = Path(__file__).resolve().parents[2]
+# the original, released: `make test` installs open-flamingo 2.0.1 there (--no-deps; its model code is main's)
+ORIGINAL_PACKAGE = Path(os.environ.get("OF_ORIGINAL_PACKAGE", REPO / ".venv" / "original"))
+# or main, from a git mirror (the session's fetch of github:mlfoundations/open_flamingo)
 MIRROR = Path(os.environ.get("OF_ORIGINAL_MIRROR", "/work/.mirror/mlfoundations+open_flamingo/repo"))
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory):
-    """The original's (main branch) `Flamingo`, `FlamingoLMMixin` and `extend_instance`, its `open_flamingo/src` read
-    from the git mirror at MIRROR (nothing of it lives in this repo); skips the test without the mirror."""
-    if not MIRROR.is_dir():
-        pytest.skip(f"no OpenFlamingo mirror at {MIRROR} (set OF_ORIGINAL_MIRROR)")
+def original_tree(tmp_path_factory) -> Path:
+    """A folder holding the original's `open_flamingo/src` and `open_flamingo/train/train_utils.py`: copied from the
+    installed release at ORIGINAL_PACKAGE, else read from main in the git mirror at MIRROR (nothing of it lives in
+    this repo). Without either the test skips, or fails under CI, where `make test` installs the release."""
     dest = tmp_path_factory.mktemp("open_flamingo")
-    archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "main", "open_flamingo/src"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    wanted = ["open_flamingo/src", "open_flamingo/train/train_utils.py"]
+    if (ORIGINAL_PACKAGE / "open_flamingo").is_dir():
+        for part in wanted:
+            src, out = ORIGINAL_PACKAGE / part, dest / part
+            out.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, out)
+    elif MIRROR.is_dir():
+        archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "main", *wanted], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    else:
+        why = f"the original OpenFlamingo code is neither installed at {ORIGINAL_PACKAGE} (`make test` installs it) nor mirrored at {MIRROR}"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def original(original_tree):
+    """The original's `Flamingo`, `FlamingoLMMixin` and `extend_instance`, imported from `original_tree`."""
     import einops
 
     # the original imports einops_exts.rearrange_many (a one-liner over einops) for its einsum attention
     shim = types.ModuleType("einops_exts")
     shim.rearrange_many = lambda ts, pattern, **kw: tuple(einops.rearrange(t, pattern, **kw) for t in ts)
     sys.modules.setdefault("einops_exts", shim)
-    sys.path.insert(0, str(dest))
+    sys.path.insert(0, str(original_tree))
     try:
         from open_flamingo.src.flamingo import Flamingo
         from open_flamingo.src.flamingo_lm import FlamingoLMMixin
         from open_flamingo.src.utils import extend_instance
     finally:
-        sys.path.remove(str(dest))
+        sys.path.remove(str(original_tree))
     return Flamingo, FlamingoLMMixin, extend_instance

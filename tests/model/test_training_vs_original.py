@@ -1,5 +1,5 @@
-"""Our training steps against the original OpenFlamingo trainer (main branch), from the same weights and batches:
-its real `train_utils.train_one_epoch` (read from the mirror, as `test_vs_original.py` reads its model) with the
+"""Our training steps against the original OpenFlamingo trainer, from the same weights and batches: its real
+`train_utils.train_one_epoch` (the released 2.0.1 or main, as `test_vs_original.py` reads its model) with the
 AdamW groups and constant-with-warmup schedule of its train.py, beside `train_loop` + `build_engine` (ddp, fp32).
 Losses, gradient norms and final trainable weights agree to fp32 rounding. Deliberate differences are kept out: the
 original also clips each micro-step's partial gradient sum (its bug B4); its linear/cosine horizon counts micro-steps
@@ -8,7 +8,6 @@ an epoch's partial accumulation window (none here)."""
 
 import contextlib
 import math
-import subprocess
 import types
 
 import pytest
@@ -23,7 +22,7 @@ from of_ds.spec import RunSpec
 from of_ds.train.checkpoint import TrainState
 from of_ds.train.loop import train_loop
 
-from .conftest import MIRROR, encode
+from .conftest import encode
 from .test_vs_original import ours_and_original
 
 GA, STEPS, LR, WARMUP, WD = 2, 4, 1e-2, 2, 0.1  # lr 1e-2: a difference in one update shows in the next losses
@@ -33,12 +32,11 @@ CAPS = ["a photo of a cat", "a cup of coffee on a table", "the dog runs", "a roc
 
 
 @pytest.fixture(scope="module")
-def train_one_epoch(original):
-    """The original's `train_one_epoch`, from the mirror's train_utils.py (a self-contained module)."""
-    src = subprocess.run(["git", f"--git-dir={MIRROR}", "show", "main:open_flamingo/train/train_utils.py"],
-                         capture_output=True, check=True, text=True).stdout
+def train_one_epoch(original, original_tree):
+    """The original's `train_one_epoch`, from its train_utils.py (a self-contained module)."""
+    path = original_tree / "open_flamingo/train/train_utils.py"
     module = types.ModuleType("open_flamingo_train_utils")
-    exec(compile(src, "open_flamingo/train/train_utils.py", "exec"), module.__dict__)
+    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
     return module.train_one_epoch
 
 

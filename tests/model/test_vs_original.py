@@ -1,9 +1,10 @@
-"""Our Flamingo against the original OpenFlamingo code (main branch), run side by side on the same weights.
+"""Our Flamingo against the original OpenFlamingo code, run side by side on the same weights.
 
-The original's `open_flamingo/src` is read at test time from a local git mirror (`OF_ORIGINAL_MIRROR`, default
-the session's fetch of github:mlfoundations/open_flamingo); nothing of it lives in this repo. Skipped without the
-mirror. Our export (`to_openflamingo_state_dict`) is loaded into the original model, so this also checks the key
-layout, the media pairing and the perceiver/cross-attention math against the real thing.
+The original's `open_flamingo/src` is read at test time from the released open-flamingo 2.0.1 that `make test`
+installs apart (--no-deps, in .venv/original; its model code equals main's) or from a git mirror of main
+(`OF_ORIGINAL_MIRROR`); nothing of it lives in this repo. Our export (`to_openflamingo_state_dict`) is loaded into
+the original model, so this also checks the key layout, the media pairing and the perceiver/cross-attention math
+against the real thing.
 """
 
 import copy

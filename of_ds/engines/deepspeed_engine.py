@@ -12,7 +12,14 @@ from ..spec import RunSpec
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
 from .deepspeed_config import zero_stage
-from .deepspeed_patches import drop_redundant_overflow_scan, install_foreach_grad_norm, install_sync_free_clip, sync_free_ds_config
+from .deepspeed_patches import (
+    drop_redundant_overflow_scan,
+    install_foreach_grad_norm,
+    install_sync_free_clip,
+    load_with_nvme_optimizer_state,
+    save_swapped_fp32_weights,
+    sync_free_ds_config,
+)
 from .device_skip import found_inf, guard_step, supports_device_skip
 
 _INPUT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,20 +136,36 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(
             str(directory.parent), tag=directory.name, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
         )
+        save_swapped_fp32_weights(self.engine, str(directory.parent), directory.name)
 
     def load(self, directory: Path, *, weights_only: bool = False) -> dict:
         directory = Path(directory)
         if weights_only and self.zero_stage == 3:
             self._load_zero3_weights(directory)
             return {}
-        path, client_state = self.engine.load_checkpoint(
-            str(directory.parent),
-            tag=directory.name,
-            load_module_strict=False,  # frozen weights are not in the checkpoint (exclude_frozen_parameters)
-            load_optimizer_states=not weights_only,
-            load_lr_scheduler_states=not weights_only,
-            load_module_only=weights_only,
-        )
+
+        def load():
+            return self.engine.load_checkpoint(
+                str(directory.parent),
+                tag=directory.name,
+                load_module_strict=False,  # frozen weights are not in the checkpoint (exclude_frozen_parameters)
+                load_optimizer_states=not weights_only,
+                load_lr_scheduler_states=not weights_only,
+                load_module_only=weights_only,
+            )
+
+        if weights_only:
+            path, client_state = load()
+        else:
+            nvme_then, nvme_now = (directory / "offloaded_tensors").is_dir(), getattr(self.optimizer, "swap_optimizer", False)
+            if nvme_then != nvme_now:
+                where = {True: "on NVMe", False: "not on NVMe"}
+                raise ValueError(
+                    f"{directory}: saved with the optimizer state {where[nvme_then]}, but this run keeps it "
+                    f"{where[nvme_now]}: DeepSpeed cannot carry the state across; resume with engine.offload_optimizer "
+                    f"as when it was saved, or start from its weights only (checkpoint.load_weights_only: true)"
+                )
+            path, client_state = load_with_nvme_optimizer_state(self.engine, str(directory.parent), directory.name, load)
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
         reapply_fused(self.inner_optimizer, self._fused)  # the spec's kernel choice, not the checkpoint's

@@ -1,10 +1,17 @@
-"""What of_ds changes inside DeepSpeed's ZeRO-1/2 optimizer, each guarded by a check that DeepSpeed still has the
-attributes it relies on (DeepSpeed 0.19; any miss leaves DeepSpeed's own behaviour), and each tested against it
-(`tests/engines/test_engines_e2e.py`): host syncs and per-tensor work that a step does not need."""
+"""What of_ds changes inside DeepSpeed, each guarded by a check that DeepSpeed still has the attributes it relies on
+(DeepSpeed 0.19), and each tested against it (`tests/engines/test_engines_e2e.py`): in the ZeRO-1/2 optimizer, host
+syncs and per-tensor work that a step does not need (any miss leaves DeepSpeed's own behaviour); in ZeRO-3 with the
+optimizer on NVMe, the state a resume loses (a miss is an error)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 def drop_redundant_overflow_scan(optimizer) -> bool:
@@ -111,3 +118,89 @@ def install_foreach_grad_norm(zero_optimizer) -> bool:
 
     zero_optimizer.get_grad_norm_direct = get_grad_norm_direct
     return True
+
+
+
+def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: Callable[[], T]) -> T:
+    """Run `load` (DeepSpeed's `load_checkpoint`) so that ZeRO-3 with the optimizer offloaded to NVMe resumes exactly.
+
+    DeepSpeed 0.19 restores such a run from the swap files the checkpoint holds (`offloaded_tensors`) and skips this
+    rank's `*_optim_states.pt`, which loses state two ways:
+    - a sub-group large enough to swap (aio's 1 MiB minimum) gets its fp32 weights back, but not its Adam moments:
+      the swapper only knows state tensors that exist, and Adam creates them at its first step, after the load;
+    - a smaller sub-group is never swapped: the load leaves its fp32 weights and moments as freshly built (biases,
+      norms and gates back at their initial values).
+    So before the load the swappable sub-groups get state tensors of the saved names (the swap-in that follows then
+    reads the saved moments), and after it the others are restored from the file and their working weights
+    refreshed. Without NVMe optimizer offload this is just `load()`. Raises where DeepSpeed lacks what it needs: a
+    resume that silently loses state would be worse than none."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
+
+    opt = engine.optimizer
+    if not getattr(opt, "swap_optimizer", False):
+        return load()
+    needed = ("loss_scaler", "dynamic_loss_scale", "overflow", "fp32_partitioned_groups_flat", "_swappable_optimizer_subgroup",
+              "_set_fp32_optimizer_param_groups", "_clear_fp32_optimizer_param_groups", "_optimizer_states_and_gradient_swap_in",
+              "_optimizer_states_and_gradient_swap_out", "_reassign_or_swap_out_partitioned_parameters",
+              "_partition_all_parameters", "checkpoint_event_epilogue", "optimizer")
+    missing = [a for a in needed if not hasattr(opt, a)] + [a for a in ("_get_zero_ckpt_name",) if not hasattr(engine, a)]
+    if missing:
+        raise RuntimeError(f"resuming ZeRO-3 with offload_optimizer on NVMe: this DeepSpeed lacks {missing}, which of_ds "
+                           f"needs to restore the optimizer state exactly; resume with DeepSpeed 0.19, or start from the "
+                           f"weights only (checkpoint.load_weights_only: true)")
+    saved = torch.load(engine._get_zero_ckpt_name(checkpoint_dir, tag), map_location="cpu", weights_only=False)
+    saved = saved[OPTIMIZER_STATE_DICT]
+    opt._set_fp32_optimizer_param_groups()  # the base optimizer's numbering of its state, as state_dict() made it
+    try:
+        index = {id(p): n for n, p in enumerate(p for g in opt.optimizer.param_groups for p in g["params"])}
+    finally:
+        opt._clear_fp32_optimizer_param_groups()
+    flats = opt.fp32_partitioned_groups_flat
+    state_of = {i: saved[OPTIMIZER_STATE_DICT]["state"].get(index[id(flat)], {}) for i, flat in enumerate(flats)}
+    swapped = [i for i in range(len(flats)) if opt._swappable_optimizer_subgroup(i)]
+
+    def restored(state: dict, like: torch.Tensor) -> dict:
+        """Saved state for `like`: a swapped tensor (saved as an empty placeholder) as zeros the swap-in fills."""
+        return {k: (torch.zeros_like(like) if not v.numel() else v.to(like.device).clone()) if torch.is_tensor(v) else v
+                for k, v in state.items()}
+
+    for i in swapped:
+        opt._optimizer_states_and_gradient_swap_in(i)
+        opt.optimizer.state[flats[i]] = restored(state_of[i], flats[i])
+        opt._optimizer_states_and_gradient_swap_out(i)  # registers the state tensors with the swapper
+    result = load()
+    # what DeepSpeed's skipped `_rigid_load_state_dict` would have set: the loss scaler (fp16) and each group's
+    # hyperparameters (the learning rate the schedule had set for the next step, among them)
+    opt.loss_scaler, opt.dynamic_loss_scale, opt.overflow = saved[LOSS_SCALER], saved["dynamic_loss_scale"], saved["overflow"]
+    for group, saved_group in zip(opt.optimizer.param_groups, saved[OPTIMIZER_STATE_DICT]["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    opt._partition_all_parameters()  # no stale gathered copy outlives the partitions restored below
+    for i in sorted(set(range(len(flats))) - set(swapped)):
+        flats[i].data.copy_(saved[FP32_FLAT_GROUPS][i])
+        opt.optimizer.state[flats[i]] = restored(state_of[i], flats[i])
+        opt._reassign_or_swap_out_partitioned_parameters(i)  # the working partition from the restored master copy
+    opt.checkpoint_event_epilogue()  # persistent parameters gathered again, from the restored partitions
+    return result
+
+
+def save_swapped_fp32_weights(engine, checkpoint_dir: str, tag: str) -> int:
+    """After DeepSpeed saved a ZeRO-3 checkpoint with the optimizer on NVMe: put the fp32 weights of the sub-groups
+    that live in swap files into this rank's `*_optim_states.pt`, where DeepSpeed left empty placeholders. Then the
+    checkpoint's weights read like any ZeRO-3 checkpoint's (`zero_to_fp32`: tools/export_checkpoint, a weights-only
+    start); the Adam moments stay in `offloaded_tensors` only. Returns how many sub-groups it filled."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+    opt = engine.optimizer
+    if not getattr(opt, "swap_optimizer", False):
+        return 0
+    swapped = [i for i in range(len(opt.fp32_partitioned_groups_flat)) if opt._swappable_optimizer_subgroup(i)]
+    path = Path(engine._get_zero_ckpt_name(checkpoint_dir, tag))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    for i in swapped:
+        opt._optimizer_states_and_gradient_swap_in(i)
+        saved[OPTIMIZER_STATE_DICT][FP32_FLAT_GROUPS][i] = opt.fp32_partitioned_groups_flat[i].detach().to("cpu", copy=True)
+        opt._release_swap_buffers(i)  # unchanged: nothing to write back
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(saved, tmp)
+    os.replace(tmp, path)
+    return len(swapped)

@@ -6,7 +6,9 @@ all-reduce; over 4 steps of the demo model the logged losses agree to 2e-5 relat
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +61,50 @@ def test_zero_stage_matches_ddp(workdir, ddp, config, sets):
     launch(workdir, "deepspeed", name, [f"engine.zero_stage={stage}", *sets], ds_config=config)
     assert_same_trajectory(losses(workdir, name), ddp)
     assert (workdir / "runs" / name / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+
+
+def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, monkeypatch):
+    """ZeRO-Infinity: parameters and optimizer states offloaded to a disk folder (DeepSpeed's async_io op, built on
+    first use against libaio). Same losses as DDP, the optimizer states on the disk, the export equal to DDP's, and a
+    restart from the step-2 checkpoint repeats steps 3-4 exactly (DeepSpeed alone loses the Adam moments, the small
+    sub-groups' weights and the learning rate: `load_with_nvme_optimizer_state`); resuming it with the optimizer on
+    the CPU is a clear error."""
+    from of_ds.train.export import export_checkpoint
+
+    if not Path("/usr/include/libaio.h").is_file():
+        why = "NVMe offload needs libaio's headers (Debian package libaio-dev)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why}; CI must provide it (see .ci/run)", pytrace=False)
+        pytest.skip(why)
+    nvme = workdir / "nvme"
+    sets = ["engine.zero_stage=3", "engine.offload_param=nvme", "engine.offload_optimizer=nvme", f"engine.nvme_path={nvme}"]
+    launch(workdir, "deepspeed", "zero3_nvme", sets, ds_config="zero3.json", timeout=900)
+    full = losses(workdir, "zero3_nvme")
+    assert_same_trajectory(full, ddp)
+    swapped = {p.name.split("-")[0] for p in (nvme / "zero_stage_3" / "optimizer").rglob("*.swp")}
+    assert {"exp_avg", "exp_avg_sq"} <= swapped, sorted(swapped)
+    # the weights read like any ZeRO-3 checkpoint's (DeepSpeed leaves the swapped ones out of *_optim_states.pt)
+    monkeypatch.chdir(workdir)
+    exported = torch.load(export_checkpoint(workdir / "runs" / "zero3_nvme", workdir / "zero3_nvme.pt"), map_location="cpu")
+    ddp_export = torch.load(export_checkpoint(workdir / "runs" / "ddp", workdir / "ddp.pt"), map_location="cpu")
+    assert sorted(exported) == sorted(ddp_export)
+    for k in ddp_export:
+        torch.testing.assert_close(exported[k], ddp_export[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    src = workdir / "runs" / "zero3_nvme" / "checkpoints" / "step-00000002"
+    shutil.copytree(src, workdir / "runs" / "zero3_nvme_resumed" / "checkpoints" / src.name)
+    proc = launch(workdir, "deepspeed", "zero3_nvme_resumed", sets, ds_config="zero3.json")
+    assert "resumed from" in proc.stdout
+    resumed = losses(workdir, "zero3_nvme_resumed")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for k in KEYS:
+            assert resumed[step][k] == full[step][k], (step, k)
+
+    shutil.copytree(src, workdir / "runs" / "zero3_nvme_on_cpu" / "checkpoints" / src.name)
+    proc = launch(workdir, "deepspeed", "zero3_nvme_on_cpu", ["engine.zero_stage=3"], ds_config="zero3_offload.json", check=False)
+    assert proc.returncode != 0
+    assert "saved with the optimizer state on NVMe, but this run keeps it not on NVMe" in proc.stdout + proc.stderr
 
 
 def test_fsdp_matches_ddp(workdir, ddp):

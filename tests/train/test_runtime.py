@@ -42,3 +42,7 @@ def test_which_checkpoints_need_the_universal_format(tmp_path):
     for stages in ((2, 0), (0, 1), (3, 0)):  # ZeRO-0 keeps a whole optimizer state, ZeRO-1-3 partitions
         with pytest.raises(CheckpointError, match=f"saved under ZeRO stage {stages[0]} and this run uses stage {stages[1]}"):
             needs_universal(saved("deepspeed", stages[0], 2), stages[1], 2)
+    (tmp_path / "offloaded_tensors").mkdir()  # the optimizer state on NVMe: its swap files do not convert
+    assert not needs_universal(saved("deepspeed", 3, 2), 3, 2)
+    with pytest.raises(CheckpointError, match="saved by 2 ranks with the optimizer state on NVMe"):
+        needs_universal(saved("deepspeed", 3, 2), 3, 1)

@@ -17,6 +17,7 @@ from .deepspeed_patches import (
     install_foreach_grad_norm,
     install_sync_free_clip,
     load_with_nvme_optimizer_state,
+    refresh_fp32_weights,
     save_swapped_fp32_weights,
     sync_free_ds_config,
 )
@@ -187,7 +188,7 @@ class DeepSpeedEngine:
             if self.engine.global_rank == 0:
                 for name, value in state.items():
                     params[name].data.copy_(value)
-        self.engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions from the new weights
+        refresh_fp32_weights(self.engine)  # the optimizer's fp32 partitions from the new weights
 
 
 def _finite(x: float) -> bool:

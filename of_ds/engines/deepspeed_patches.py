@@ -120,12 +120,12 @@ def install_foreach_grad_norm(zero_optimizer) -> bool:
     return True
 
 
-
 def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: Callable[[], T]) -> T:
     """Run `load` (DeepSpeed's `load_checkpoint`) so that ZeRO-3 with the optimizer offloaded to NVMe resumes exactly.
 
     DeepSpeed 0.19 restores such a run from the swap files the checkpoint holds (`offloaded_tensors`) and skips this
-    rank's `*_optim_states.pt`, which loses state two ways:
+    rank's `*_optim_states.pt`, which loses the loss scaler, each group's learning rate (the next step runs at the
+    optimizer's initial one) and state two ways:
     - a sub-group large enough to swap (aio's 1 MiB minimum) gets its fp32 weights back, but not its Adam moments:
       the swapper only knows state tensors that exist, and Adam creates them at its first step, after the load;
     - a smaller sub-group is never swapped: the load leaves its fp32 weights and moments as freshly built (biases,
@@ -139,15 +139,18 @@ def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: 
     opt = engine.optimizer
     if not getattr(opt, "swap_optimizer", False):
         return load()
-    needed = ("loss_scaler", "dynamic_loss_scale", "overflow", "fp32_partitioned_groups_flat", "_swappable_optimizer_subgroup",
-              "_set_fp32_optimizer_param_groups", "_clear_fp32_optimizer_param_groups", "_optimizer_states_and_gradient_swap_in",
-              "_optimizer_states_and_gradient_swap_out", "_reassign_or_swap_out_partitioned_parameters",
-              "_partition_all_parameters", "checkpoint_event_epilogue", "optimizer")
+    needed = ("loss_scaler", "dynamic_loss_scale", "overflow", "fp32_partitioned_groups_flat",
+              "_swappable_optimizer_subgroup", "_set_fp32_optimizer_param_groups", "_clear_fp32_optimizer_param_groups",
+              "_optimizer_states_and_gradient_swap_in", "_optimizer_states_and_gradient_swap_out",
+              "_reassign_or_swap_out_partitioned_parameters", "_partition_all_parameters", "checkpoint_event_epilogue",
+              "optimizer")
     missing = [a for a in needed if not hasattr(opt, a)] + [a for a in ("_get_zero_ckpt_name",) if not hasattr(engine, a)]
     if missing:
-        raise RuntimeError(f"resuming ZeRO-3 with offload_optimizer on NVMe: this DeepSpeed lacks {missing}, which of_ds "
-                           f"needs to restore the optimizer state exactly; resume with DeepSpeed 0.19, or start from the "
-                           f"weights only (checkpoint.load_weights_only: true)")
+        raise RuntimeError(
+            f"resuming ZeRO-3 with offload_optimizer on NVMe: this DeepSpeed lacks {missing}, which of_ds needs to "
+            f"restore the optimizer state exactly; resume with DeepSpeed 0.19, or start from the weights only "
+            f"(checkpoint.load_weights_only: true)"
+        )
     saved = torch.load(engine._get_zero_ckpt_name(checkpoint_dir, tag), map_location="cpu", weights_only=False)
     saved = saved[OPTIMIZER_STATE_DICT]
     opt._set_fp32_optimizer_param_groups()  # the base optimizer's numbering of its state, as state_dict() made it
@@ -171,7 +174,8 @@ def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: 
     result = load()
     # what DeepSpeed's skipped `_rigid_load_state_dict` would have set: the loss scaler (fp16) and each group's
     # hyperparameters (the learning rate the schedule had set for the next step, among them)
-    opt.loss_scaler, opt.dynamic_loss_scale, opt.overflow = saved[LOSS_SCALER], saved["dynamic_loss_scale"], saved["overflow"]
+    opt.loss_scaler, opt.dynamic_loss_scale = saved[LOSS_SCALER], saved["dynamic_loss_scale"]
+    opt.overflow = saved["overflow"]
     for group, saved_group in zip(opt.optimizer.param_groups, saved[OPTIMIZER_STATE_DICT]["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     opt._partition_all_parameters()  # no stale gathered copy outlives the partitions restored below
@@ -198,7 +202,8 @@ def save_swapped_fp32_weights(engine, checkpoint_dir: str, tag: str) -> int:
     saved = torch.load(path, map_location="cpu", weights_only=False)
     for i in swapped:
         opt._optimizer_states_and_gradient_swap_in(i)
-        saved[OPTIMIZER_STATE_DICT][FP32_FLAT_GROUPS][i] = opt.fp32_partitioned_groups_flat[i].detach().to("cpu", copy=True)
+        flat = opt.fp32_partitioned_groups_flat[i]
+        saved[OPTIMIZER_STATE_DICT][FP32_FLAT_GROUPS][i] = flat.detach().to("cpu", copy=True)
         opt._release_swap_buffers(i)  # unchanged: nothing to write back
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(saved, tmp)

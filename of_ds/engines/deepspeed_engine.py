@@ -9,6 +9,7 @@ import torch
 
 from ..runtime import Runtime
 from ..spec import RunSpec
+from ..train.checkpoint import NVME_STATE
 from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
 from .deepspeed_config import zero_stage
@@ -158,7 +159,7 @@ class DeepSpeedEngine:
         if weights_only:
             path, client_state = load()
         else:
-            nvme_then, nvme_now = (directory / "offloaded_tensors").is_dir(), getattr(self.optimizer, "swap_optimizer", False)
+            nvme_then, nvme_now = (directory / NVME_STATE).is_dir(), getattr(self.optimizer, "swap_optimizer", False)
             if nvme_then != nvme_now:
                 where = {True: "on NVMe", False: "not on NVMe"}
                 raise ValueError(

@@ -26,6 +26,7 @@ from ..runtime import Runtime
 from ..spec import RunSpec
 
 COMPLETE = "COMPLETE"
+NVME_STATE = "offloaded_tensors"  # in a step folder: DeepSpeed's copy of the swap files of an optimizer on NVMe
 UNIVERSAL = "universal"  # RUN_DIR/universal/step-N: a ZeRO checkpoint converted to DeepSpeed's universal format
 
 
@@ -107,9 +108,9 @@ def needs_universal(path: Path, zero_stage: int, world_size: int) -> bool:
             f"engine.zero_stage={saved_stage} (and its ds_configs file), or export the weights (tools/export_checkpoint) "
             f"and start from them with checkpoint.resume_from=<export> and checkpoint.load_weights_only=true."
         )
-    if saved_stage >= 1 and meta["world_size"] != world_size and (Path(path) / "offloaded_tensors").is_dir():
+    if saved_stage >= 1 and meta["world_size"] != world_size and (Path(path) / NVME_STATE).is_dir():
         raise CheckpointError(
-            f"{path} was saved by {meta['world_size']} ranks with the optimizer state on NVMe (offloaded_tensors), "
+            f"{path} was saved by {meta['world_size']} ranks with the optimizer state on NVMe ({NVME_STATE}), "
             f"which DeepSpeed's universal format cannot carry to {world_size} ranks. Resume with {meta['world_size']} "
             f"ranks, or start from its weights with checkpoint.resume_from={path} and checkpoint.load_weights_only=true."
         )

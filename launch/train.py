@@ -39,8 +39,7 @@ def main(argv=None) -> int:
     run_dir = spec.run.run_dir
     checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
     resume_path = session.find_resume_point(spec, checkpoints)
-    if resume_path is not None and resume_path.is_file():
-        session.load_original_checkpoint(model, resume_path)
+    session.load_start_weights(model, resume_path, spec)  # weights only: before the engine wraps the model
     universal = session.universal_resume(resume_path, spec, ds_config, runtime)  # ZeRO saved by another number of ranks
     engine = build_engine(model, spec, runtime, total_steps, ds_config)
     state = session.resume(engine, data, checkpoints, resume_path, spec, runtime, universal)

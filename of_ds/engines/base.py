@@ -50,7 +50,7 @@ class Engine(Protocol):
     def save(self, directory: Path, client_state: dict) -> None:
         """Write trainable weights, optimizer and scheduler state into `directory` (collective)."""
 
-    def load(self, directory: Path, *, weights_only: bool = False) -> dict:
+    def load(self, directory: Path) -> dict:
         """Restore what `save` wrote; returns its client_state (collective)."""
 
     @property

@@ -18,7 +18,6 @@ from .deepspeed_patches import (
     install_foreach_grad_norm,
     install_sync_free_clip,
     load_with_nvme_optimizer_state,
-    refresh_fp32_weights,
     save_swapped_fp32_weights,
     sync_free_ds_config,
 )
@@ -140,56 +139,27 @@ class DeepSpeedEngine:
         )
         save_swapped_fp32_weights(self.engine, str(directory.parent), directory.name)
 
-    def load(self, directory: Path, *, weights_only: bool = False) -> dict:
+    def load(self, directory: Path) -> dict:
         directory = Path(directory)
-        if weights_only and self.zero_stage == 3:
-            self._load_zero3_weights(directory)
-            return {}
-
-        def load():
-            return self.engine.load_checkpoint(
-                str(directory.parent),
-                tag=directory.name,
-                load_module_strict=False,  # frozen weights are not in the checkpoint (exclude_frozen_parameters)
-                load_optimizer_states=not weights_only,
-                load_lr_scheduler_states=not weights_only,
-                load_module_only=weights_only,
+        nvme_then, nvme_now = (directory / NVME_STATE).is_dir(), getattr(self.optimizer, "swap_optimizer", False)
+        if nvme_then != nvme_now:
+            where = {True: "on NVMe", False: "not on NVMe"}
+            raise ValueError(
+                f"{directory}: saved with the optimizer state {where[nvme_then]}, but this run keeps it "
+                f"{where[nvme_now]}: DeepSpeed cannot carry the state across; resume with engine.offload_optimizer "
+                f"as when it was saved, or start from its weights only (checkpoint.load_weights_only: true)"
             )
-
-        if weights_only:
-            path, client_state = load()
-        else:
-            nvme_then, nvme_now = (directory / NVME_STATE).is_dir(), getattr(self.optimizer, "swap_optimizer", False)
-            if nvme_then != nvme_now:
-                where = {True: "on NVMe", False: "not on NVMe"}
-                raise ValueError(
-                    f"{directory}: saved with the optimizer state {where[nvme_then]}, but this run keeps it "
-                    f"{where[nvme_now]}: DeepSpeed cannot carry the state across; resume with engine.offload_optimizer "
-                    f"as when it was saved, or start from its weights only (checkpoint.load_weights_only: true)"
-                )
-            path, client_state = load_with_nvme_optimizer_state(self.engine, str(directory.parent), directory.name, load)
+        path, client_state = load_with_nvme_optimizer_state(
+            self.engine,
+            str(directory.parent),
+            directory.name,
+            # frozen weights are not in the checkpoint (exclude_frozen_parameters)
+            lambda: self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=False),
+        )
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
         reapply_fused(self.inner_optimizer, self._fused)  # the spec's kernel choice, not the checkpoint's
         return client_state or {}
-
-    def _load_zero3_weights(self, directory: Path) -> None:
-        """The trainable weights of a ZeRO checkpoint, consolidated from any number of ranks, into this ZeRO-3
-        engine's partitions. (DeepSpeed's own module-only ZeRO-3 load reads the folder that `latest` names, not the
-        step asked for.)"""
-        import deepspeed
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name, exclude_frozen_parameters=True)
-        params = dict(self.engine.module.named_parameters())
-        unknown = sorted(set(state) - set(params))
-        if unknown:
-            raise KeyError(f"{directory}: weights this model does not have: {unknown[:5]}")
-        with deepspeed.zero.GatheredParameters([params[k] for k in state], modifier_rank=0):
-            if self.engine.global_rank == 0:
-                for name, value in state.items():
-                    params[name].data.copy_(value)
-        refresh_fp32_weights(self.engine)  # the optimizer's fp32 partitions from the new weights
 
 
 def _finite(x: float) -> bool:

@@ -210,23 +210,3 @@ def save_swapped_fp32_weights(engine, checkpoint_dir: str, tag: str) -> int:
     os.replace(tmp, path)
     return len(swapped)
 
-
-def refresh_fp32_weights(engine) -> None:
-    """ZeRO-3: the optimizer's fp32 master weights from the working partitions, after new weights were copied into
-    the model (a weights-only start). With the optimizer on NVMe the swapped sub-groups' masters live in swap
-    files, which DeepSpeed's own `refresh_fp32_params` cannot reach (it fails on their empty placeholders): swap each
-    in, copy, swap it out."""
-    opt = engine.optimizer
-    if not getattr(opt, "swap_optimizer", False):
-        opt.refresh_fp32_params()
-        return
-    if any(flat is None for flat in opt.fp16_partitioned_groups_flat):
-        raise ValueError("a weights-only start with both the parameters and the optimizer on NVMe is not supported: "
-                         "start it with engine.offload_param=cpu, and switch to nvme when resuming its checkpoints")
-    for i, flat in enumerate(opt.fp32_partitioned_groups_flat):
-        swapped = opt._swappable_optimizer_subgroup(i)
-        if swapped:
-            opt._optimizer_states_and_gradient_swap_in(i)
-        flat.data.copy_(opt.fp16_partitioned_groups_flat[i].data)
-        if swapped:
-            opt._optimizer_states_and_gradient_swap_out(i)

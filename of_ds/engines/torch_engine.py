@@ -170,7 +170,7 @@ class TorchEngine:
             torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}, directory / "scheduler.pt")
             torch.save(client_state, directory / "client_state.pt")
 
-    def load(self, directory: Path, *, weights_only: bool = False) -> dict:
+    def load(self, directory: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         directory = Path(directory)
@@ -180,8 +180,6 @@ class TorchEngine:
         if missing:
             raise KeyError(f"{directory}/model.pt lacks trainable weights {missing[:8]}")
         set_model_state_dict(self.module, model_sd, options=self._options(strict=False))
-        if weights_only:
-            return {}
         optim_sd = torch.load(directory / "optim.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(self.module, self.optimizer, optim_sd, options=self._options())
         reapply_fused(self.optimizer, self._fused)  # the spec's kernel choice, not the checkpoint's

@@ -105,8 +105,8 @@ def needs_universal(path: Path, zero_stage: int, world_size: int) -> bool:
         raise CheckpointError(
             f"{path} was saved under ZeRO stage {saved_stage} and this run uses stage {zero_stage}: DeepSpeed loads "
             f"ZeRO-3 checkpoints only into ZeRO-3, ZeRO-1/2 ones only into ZeRO-1/2, ZeRO-0 ones only into ZeRO-0. Resume with "
-            f"engine.zero_stage={saved_stage} (and its ds_configs file), or export the weights (tools/export_checkpoint) "
-            f"and start from them with checkpoint.resume_from=<export> and checkpoint.load_weights_only=true."
+            f"engine.zero_stage={saved_stage} (and its ds_configs file), or start from its weights with "
+            f"checkpoint.resume_from={path} and checkpoint.load_weights_only=true."
         )
     if saved_stage >= 1 and meta["world_size"] != world_size and (Path(path) / NVME_STATE).is_dir():
         raise CheckpointError(
@@ -197,7 +197,7 @@ class CheckpointManager:
             if p.is_dir() and not is_complete(p):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine, path: Path, *, weights_only: bool = False, universal: Optional[Path] = None) -> tuple[TrainState, Optional[dict]]:
+    def load(self, engine, path: Path, *, universal: Optional[Path] = None) -> tuple[TrainState, Optional[dict]]:
         """Collective. -> (train state, this rank's rank_state or None when positions cannot carry over). With
         `universal` (`convert_to_universal` of `path`; the engine built to load it) the engine state comes from there."""
         path = Path(path)
@@ -205,16 +205,13 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
         meta = json.loads((path / "meta.json").read_text())
         saved_world, world = meta["world_size"], self.runtime.world_size
-        # a weights-only load reads the consolidated weights, which any number of ranks can
-        if saved_world != world and universal is None and not weights_only and not getattr(engine, "can_reshape", False):
+        if saved_world != world and universal is None and not getattr(engine, "can_reshape", False):
             raise CheckpointError(
                 f"{path} was written by {saved_world} ranks but this run has {world}; {meta['engine']} "
                 f"(ZeRO stage {meta.get('zero_stage')}) partitions cannot be reshaped by this engine. Resume with "
                 f"{saved_world} ranks, or under DeepSpeed ZeRO 1-3, which converts it to DeepSpeed's universal format."
             )
-        client_state = engine.load(universal or path, weights_only=weights_only)
-        if weights_only:
-            return TrainState(), None
+        client_state = engine.load(universal or path)
         ts = client_state.get("train_state") if client_state else None
         state = TrainState(**(ts or meta["train_state"]))
         own = path / "rank_state" / f"rank{self.runtime.rank:05d}.pt"

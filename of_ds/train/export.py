@@ -35,14 +35,9 @@ def read_trainable_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, exclude_frozen_parameters=True))
 
 
-def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None):
-    """-> (model, spec): the checkpoint's model rebuilt on the CPU with its trainable weights loaded."""
-    from ..model import build_flamingo
-    from .session import seed_everything
-
-    spec = spec or RunSpec.from_yaml(step_dir / "spec.yaml")
-    seed_everything(spec.run.seed)  # same init as training: frozen new-token rows, if any, match
-    model, _, _ = build_flamingo(spec.model)
+def load_weights_into(model, step_dir: Path) -> None:
+    """Checkpoint `step_dir`'s trainable weights (any engine's, saved by any number of ranks) into `model`, built
+    whole; every trainable parameter must be there, and nothing the model lacks."""
     weights = read_trainable_weights(step_dir)
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
@@ -55,6 +50,17 @@ def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None):
         for name, value in weights.items():
             if name in params:
                 params[name].copy_(value.to(params[name].dtype))
+
+
+def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None):
+    """-> (model, spec): the checkpoint's model rebuilt on the CPU with its trainable weights loaded."""
+    from ..model import build_flamingo
+    from .session import seed_everything
+
+    spec = spec or RunSpec.from_yaml(step_dir / "spec.yaml")
+    seed_everything(spec.run.seed)  # same init as training: frozen new-token rows, if any, match
+    model, _, _ = build_flamingo(spec.model)
+    load_weights_into(model, step_dir)
     return model, spec
 
 

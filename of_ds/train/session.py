@@ -11,7 +11,17 @@ import torch
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from .checkpoint import UNIVERSAL, CheckpointManager, TrainState, convert_to_universal, find_checkpoint, needs_universal
+from .checkpoint import (
+    COMPLETE,
+    UNIVERSAL,
+    CheckpointError,
+    CheckpointManager,
+    TrainState,
+    convert_to_universal,
+    find_checkpoint,
+    is_complete,
+    needs_universal,
+)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -97,6 +107,22 @@ def load_original_checkpoint(model, path: Path) -> None:
     load_openflamingo_state_dict(model, obj, strict=True)
 
 
+def load_start_weights(model, path: Optional[Path], spec: RunSpec) -> None:
+    """Before the engine wraps the model, where the run starts from weights only (a fresh optimizer and step 0): an
+    original OpenFlamingo `checkpoint.pt`, or with `checkpoint.load_weights_only` a checkpoint of any engine, ZeRO
+    stage or number of ranks (consolidated like tools/export_checkpoint does)."""
+    from .export import load_weights_into
+
+    if path is None:
+        return
+    if path.is_file():
+        load_original_checkpoint(model, path)
+    elif spec.checkpoint.load_weights_only:
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+        load_weights_into(model, path)
+
+
 def universal_resume(path: Optional[Path], spec: RunSpec, ds_config: Optional[dict], runtime: Runtime) -> Optional[Path]:
     """Before the engine is built: a DeepSpeed ZeRO checkpoint saved by another number of ranks is converted (once) to
     DeepSpeed's universal format under RUN_DIR/universal/, and `ds_config` set to load that. Returns the converted
@@ -112,12 +138,14 @@ def universal_resume(path: Optional[Path], spec: RunSpec, ds_config: Optional[di
 
 def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], spec: RunSpec, runtime: Runtime,
            universal: Optional[Path] = None) -> TrainState:
-    if path is None or path.is_file():
+    if path is None:
         return TrainState()
-    state, rank_state = checkpoints.load(engine, path, weights_only=spec.checkpoint.load_weights_only, universal=universal)
-    if spec.checkpoint.load_weights_only:
-        state = TrainState()
-    elif rank_state is not None:
+    if path.is_file() or spec.checkpoint.load_weights_only:  # the weights are in (load_start_weights)
+        if runtime.is_main:
+            print(f"[of_ds] started from the weights of {path} (a fresh optimizer, step 0)", flush=True)
+        return TrainState()
+    state, rank_state = checkpoints.load(engine, path, universal=universal)
+    if rank_state is not None:
         data.set_epoch(state.epoch)
         data.load_state_dict(rank_state["data"])
     elif runtime.is_main:

@@ -195,20 +195,26 @@ def test_resume_on_fewer_ranks(workdir, zero2, zero3, run, config):
     assert '"world_size": 1' in (workdir / "runs" / name / "checkpoints" / "step-00000004" / "meta.json").read_text()
 
 
-def test_weights_only_from_an_older_step_on_fewer_ranks(workdir, zero3, monkeypatch):
-    """checkpoint.load_weights_only from the 2-rank ZeRO-3 run's step 2 (step 4 is its newest) on 1 rank: no
-    conversion, the weights of step 2 exactly (after a first step at warmup's lr 0 they are still those), step 1."""
+@pytest.mark.parametrize("target", ["zero3", "zero2", "ddp"])
+def test_weights_only_from_an_older_step_on_fewer_ranks(workdir, zero3, monkeypatch, target):
+    """checkpoint.load_weights_only from the 2-rank ZeRO-3 run's step 2 (step 4 is its newest) on 1 rank, into ZeRO-3
+    or another engine: no conversion, the weights of step 2 exactly (after a first step at warmup's lr 0 they are
+    still those), step 1."""
     from of_ds.train.export import export_checkpoint
 
     src = workdir / "runs" / "zero3" / "checkpoints" / "step-00000002"
     assert (src.parent / "step-00000004").is_dir()
-    proc = launch(workdir, "deepspeed", "zero3_weights", ["engine.zero_stage=3", f"checkpoint.resume_from={src}",
-                  "checkpoint.load_weights_only=true", "run.max_steps=1"], ds_config="zero3.json", nproc=1)
-    assert "universal" not in proc.stdout and sorted(losses(workdir, "zero3_weights")) == [1]
-    assert losses(workdir, "zero3_weights")[1]["lr"] == 0.0
+    name, start = f"{target}_weights", [f"checkpoint.resume_from={src}", "checkpoint.load_weights_only=true", "run.max_steps=1"]
+    if target == "ddp":
+        proc = launch(workdir, "torchrun", name, ["engine.kind=ddp", *start], nproc=1)
+    else:
+        proc = launch(workdir, "deepspeed", name, [f"engine.zero_stage={target[-1]}", *start], ds_config=f"{target}.json", nproc=1)
+    assert "universal" not in proc.stdout and sorted(losses(workdir, name)) == [1]
+    assert f"started from the weights of {src}" in proc.stdout
+    assert losses(workdir, name)[1]["lr"] == 0.0
     monkeypatch.chdir(workdir)  # the saved spec's paths (demo_data/lm) are relative to the launch dir
     want, got = (torch.load(export_checkpoint(d, workdir / f"{n}.pt", layout="ours"), map_location="cpu")
-                 for n, d in (("z3_step2", src), ("z3_weights", workdir / "runs" / "zero3_weights")))
+                 for n, d in (("z3_step2", src), (name, workdir / "runs" / name)))
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 

@@ -67,9 +67,8 @@ def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, monkey
     """ZeRO-Infinity: parameters and optimizer states offloaded to a disk folder (DeepSpeed's async_io op, built on
     first use against libaio). Same losses as DDP, the optimizer states on the disk, the export equal to DDP's, and a
     restart from the step-2 checkpoint repeats steps 3-4 exactly (DeepSpeed alone loses the Adam moments, the small
-    sub-groups' weights and the learning rate: `load_with_nvme_optimizer_state`); a weights-only start from it into
-    a ZeRO-3 run, on NVMe or not, begins from the same weights; resuming it with the optimizer on the CPU is a clear
-    error."""
+    sub-groups' weights and the learning rate: `load_with_nvme_optimizer_state`); resuming it with the optimizer on
+    the CPU is a clear error. (A weights-only start reads what the export reads.)"""
     from of_ds.train.export import export_checkpoint
 
     if not Path("/usr/include/libaio.h").is_file():
@@ -101,12 +100,6 @@ def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, monkey
     for step in (3, 4):
         for k in KEYS:
             assert resumed[step][k] == full[step][k], (step, k)
-
-    # a weights-only start from it: the same first loss on the disk as in memory (the masters in swap files too)
-    start = [f"checkpoint.resume_from={src}", "checkpoint.load_weights_only=true", "run.max_steps=1"]
-    launch(workdir, "deepspeed", "zero3_from_nvme", ["engine.zero_stage=3", *start], ds_config="zero3.json")
-    launch(workdir, "deepspeed", "nvme_from_nvme", [*sets, *start], ds_config="zero3.json")
-    assert losses(workdir, "nvme_from_nvme")[1]["loss"] == losses(workdir, "zero3_from_nvme")[1]["loss"]
 
     shutil.copytree(src, workdir / "runs" / "zero3_nvme_on_cpu" / "checkpoints" / src.name)
     proc = launch(workdir, "deepspeed", "zero3_nvme_on_cpu", ["engine.zero_stage=3"], ds_config="zero3_offload.json", check=False)
@@ -195,7 +188,7 @@ def test_resume_on_fewer_ranks(workdir, zero2, zero3, run, config):
     assert '"world_size": 1' in (workdir / "runs" / name / "checkpoints" / "step-00000004" / "meta.json").read_text()
 
 
-@pytest.mark.parametrize("target", ["zero3", "zero2", "ddp"])
+@pytest.mark.parametrize("target", ["zero3", "ddp"])
 def test_weights_only_from_an_older_step_on_fewer_ranks(workdir, zero3, monkeypatch, target):
     """checkpoint.load_weights_only from the 2-rank ZeRO-3 run's step 2 (step 4 is its newest) on 1 rank, into ZeRO-3
     or another engine: no conversion, the weights of step 2 exactly (after a first step at warmup's lr 0 they are

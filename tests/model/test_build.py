@@ -46,7 +46,8 @@ def test_logits_at_init_equal_bare_lm(tiny_tokenizer_dir, family):
     # exact: gates are 0, so every block is the identity; new ids only change their own columns
     assert torch.equal(ours[..., :shared], bare[..., :shared])
     if bare.shape[-1] >= len(tok):  # new ids live in padding rows: their columns start as the LM's own
-        assert torch.equal(ours, bare[..., : len(tok)])
+        # computed by their own 3-row matmul, whose rounding may differ from the LM's full one by an ULP (AMD EPYC)
+        torch.testing.assert_close(ours, bare[..., : len(tok)], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", list(LM_CONFIGS))

@@ -120,6 +120,11 @@ def install_foreach_grad_norm(zero_optimizer) -> bool:
     return True
 
 
+def _swapped_subgroups(opt) -> list[int]:
+    """The ZeRO-3 optimizer sub-groups that live in swap files (the others are under aio's 1 MiB minimum)."""
+    return [i for i in range(len(opt.fp32_partitioned_groups_flat)) if opt._swappable_optimizer_subgroup(i)]
+
+
 def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: Callable[[], T]) -> T:
     """Run `load` (DeepSpeed's `load_checkpoint`) so that ZeRO-3 with the optimizer offloaded to NVMe resumes exactly.
 
@@ -160,7 +165,7 @@ def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: 
         opt._clear_fp32_optimizer_param_groups()
     flats = opt.fp32_partitioned_groups_flat
     state_of = {i: saved[OPTIMIZER_STATE_DICT]["state"].get(index[id(flat)], {}) for i, flat in enumerate(flats)}
-    swapped = [i for i in range(len(flats)) if opt._swappable_optimizer_subgroup(i)]
+    swapped = _swapped_subgroups(opt)
 
     def restored(state: dict, like: torch.Tensor) -> dict:
         """Saved state for `like`: a swapped tensor (saved as an empty placeholder) as zeros the swap-in fills."""
@@ -197,7 +202,7 @@ def save_swapped_fp32_weights(engine, checkpoint_dir: str, tag: str) -> int:
     opt = engine.optimizer
     if not getattr(opt, "swap_optimizer", False):
         return 0
-    swapped = [i for i in range(len(opt.fp32_partitioned_groups_flat)) if opt._swappable_optimizer_subgroup(i)]
+    swapped = _swapped_subgroups(opt)
     path = Path(engine._get_zero_ckpt_name(checkpoint_dir, tag))
     saved = torch.load(path, map_location="cpu", weights_only=False)
     for i in swapped:
@@ -209,4 +214,3 @@ def save_swapped_fp32_weights(engine, checkpoint_dir: str, tag: str) -> int:
     torch.save(saved, tmp)
     os.replace(tmp, path)
     return len(swapped)
-

@@ -68,6 +68,12 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
+def require_complete(path: Path) -> None:
+    """Raises CheckpointError unless `path` holds a complete checkpoint."""
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete step folders under `root`, oldest first."""
     if not root.is_dir():
@@ -201,8 +207,7 @@ class CheckpointManager:
         """Collective. -> (train state, this rank's rank_state or None when positions cannot carry over). With
         `universal` (`convert_to_universal` of `path`; the engine built to load it) the engine state comes from there."""
         path = Path(path)
-        if not is_complete(path):
-            raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+        require_complete(path)
         meta = json.loads((path / "meta.json").read_text())
         saved_world, world = meta["world_size"], self.runtime.world_size
         if saved_world != world and universal is None and not getattr(engine, "can_reshape", False):

@@ -12,15 +12,13 @@ import torch
 from ..runtime import Runtime
 from ..spec import RunSpec
 from .checkpoint import (
-    COMPLETE,
     UNIVERSAL,
-    CheckpointError,
     CheckpointManager,
     TrainState,
     convert_to_universal,
     find_checkpoint,
-    is_complete,
     needs_universal,
+    require_complete,
 )
 
 
@@ -118,8 +116,7 @@ def load_start_weights(model, path: Optional[Path], spec: RunSpec) -> None:
     if path.is_file():
         load_original_checkpoint(model, path)
     elif spec.checkpoint.load_weights_only:
-        if not is_complete(path):
-            raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+        require_complete(path)
         load_weights_into(model, path)
 
 

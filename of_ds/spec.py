@@ -56,7 +56,12 @@ class LMSpec(_Section):
     config: Optional[dict[str, Any]] = Field(
         None, description="An HF config dict (must hold `model_type`) for a randomly initialised LM; overrides name_or_path."
     )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub (MosaicGPT needs it).")
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow custom modelling code from the hub, for families of_ds does not implement. Never needed "
+        "for the OpenFlamingo releases: MosaicGPT (mosaic_gpt) and MPT are built natively and their remote code is "
+        "not run even when this is true.",
+    )
     decoder_layers_attr: Optional[str] = Field(
         None, description="Dotted path of the decoder layer list (e.g. model.layers) for families not known to of_ds."
     )

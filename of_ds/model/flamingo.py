@@ -105,7 +105,7 @@ class Flamingo(nn.Module):
             raise ValueError(
                 f"model.lm: {type(lang_encoder).__name__}.base_model ({type(lang_encoder.base_model).__name__}) does not take "
                 f"inputs_embeds, which the decoupled new-token embeddings need; use the transformers-native class for "
-                f"this family (e.g. MosaicGPT remote code -> transformers' MptForCausalLM)"
+                f"this family (MosaicGPT and MPT releases are built natively without trust_remote_code)"
             )
         self.chunked_loss = ChunkedLMLoss()  # used when set_loss_chunking gave it a size
         self.loss_compiled = False  # compile_parts(["loss"])

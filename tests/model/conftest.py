@@ -30,6 +30,8 @@ LM_CONFIGS = {
     "qwen2": dict(model_type="qwen2", vocab_size="exact", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "gptj": dict(model_type="gptj", vocab_size="exact", n_embd=32, n_layer=2, n_head=4, rotary_dim=4, bos_token_id=0, eos_token_id=1),
     "mpt": dict(model_type="mpt", vocab_size="padded", d_model=32, n_layers=2, n_heads=4),
+    # the OpenFlamingo-3B releases' LM (of_ds.model.mosaic_gpt), with the release's settings
+    "mosaic_gpt": dict(model_type="mosaic_gpt", vocab_size="padded", d_model=32, n_layers=4, n_heads=4, max_seq_len=128, alibi=True, attn_qk_ln=True, no_bias=True, attn_impl="torch", low_precision_layernorm=True),
 }
 MAIN_FAMILIES = ["llama", "gpt2", "opt", "gpt_neox"]
 

@@ -81,7 +81,8 @@ def assert_same(ref, got, tol=1e-5):
 
 
 @pytest.mark.parametrize("family,attention", [("mpt", "sdpa"), ("mpt", "eager"), ("llama", "sdpa"), ("llama", "eager"),
-                                              ("gpt2", "sdpa"), ("opt", "sdpa"), ("gpt_neox", "sdpa")])
+                                              ("gpt2", "sdpa"), ("opt", "sdpa"), ("gpt_neox", "sdpa"),
+                                              ("mosaic_gpt", "sdpa"), ("mosaic_gpt", "eager")])
 def test_packed_pass_equals_separate_passes(tiny_tokenizer_dir, family, attention):
     model, tok = build(tiny_tokenizer_dir, family, attention)
     batches = datasets(tok)

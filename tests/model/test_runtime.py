@@ -9,7 +9,7 @@ from of_ds.model.flops import count_step_flops, forward_flops_by_part
 from .conftest import LM_CONFIGS, build_tiny, encode, open_gates, tiny_spec
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mosaic_gpt"])
 def test_activation_checkpointing_same_loss_and_grads(tiny_tokenizer_dir, family):
     model, _, tok = build_tiny(tiny_tokenizer_dir, family)
     open_gates(model)

@@ -21,9 +21,10 @@ def test_zero3_trains_new_token_tables_and_keeps_lm_frozen(tiny_tokenizer_dir, t
     runs = json.loads(out.read_text())
     assert runs["llama_chunked_loss"]["losses"] == pytest.approx(runs["llama"]["losses"], rel=1e-5)
     assert runs["llama_quick_gelu"]["silu_in_tower"] == 1 and runs["llama"]["silu_in_tower"] == 0
-    for family, facts in runs.items():  # llama (untied), opt (tied), llama with the loss in chunks, a QuickGELU tower
+    assert "mosaic_gpt" in runs
+    for family, facts in runs.items():  # llama (untied), opt (tied), llama with the loss in chunks, a QuickGELU tower, MosaicGPT
         assert facts["partitioned"] and facts["tower_partitioned"], family
-        if family.startswith("llama"):  # no dropout: the first ZeRO-3 loss is the unpartitioned model's (OPT's differs)
+        if family.startswith(("llama", "mosaic_gpt")):  # no dropout: the first ZeRO-3 loss is the unpartitioned model's (OPT's differs)
             assert facts["losses"][0] == pytest.approx(facts["plain_first_loss"], rel=1e-5), family
         assert facts["table_changed"] and facts["head_changed"], family
         assert facts["frozen_rows"] >= 1 and facts["frozen_rows_unchanged"], family  # <PAD>'s row, as the original

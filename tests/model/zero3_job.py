@@ -27,6 +27,8 @@ def main() -> None:
     facts["llama_chunked_loss"] = train_zero3(tok_dir, "llama", False, loss_chunk_tokens=5)
     # a QuickGELU tower, folded (RescaledLinear reads its own partitioned weight in its forward)
     facts["llama_quick_gelu"] = train_zero3(tok_dir, "llama", False, quick_gelu=True)
+    # the OpenFlamingo-3B releases' LM (of_ds's MosaicGPT: QK LayerNorm, ALiBi, tied), partitioned and recomputed
+    facts["mosaic_gpt"] = train_zero3(tok_dir, "mosaic_gpt", True)
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(facts, f)

@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   installs what is missing, generates the demo data, trains launch/specs/demo.yaml with DeepSpeed
-#   make test   installs the test extras (and the original OpenFlamingo, apart) if missing, runs the whole test suite
+#   make test   installs the test extras (and, apart, the original OpenFlamingo and llm-foundry's MPT) if missing, runs the whole test suite
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -33,15 +33,23 @@ $(ORIGINAL)/.installed: | $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps --target $(ORIGINAL) open-flamingo==2.0.1
 	touch $@
 
+# llm-foundry 0.1.0 (May 2023), the code MPT-7B's hub remote code was flattened from, for the side-by-side tests of
+# the MPT-family LMs only: apart, without its dependencies (composer, ...); tests/model/reference_lms.py reads it there
+REFERENCE := $(VENV)/reference
+$(REFERENCE)/.installed: | $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --target $(REFERENCE) llm-foundry==0.1.0
+	touch $@
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed $(ORIGINAL)/.installed
+install-test: $(VENV)/.installed $(ORIGINAL)/.installed $(REFERENCE)/.installed
 
 demo: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH $(DS_ENV) $(BIN)/deepspeed --num_gpus $(NUM_GPUS) launch/train.py \
 	  --deepspeed_config ds_configs/zero2.json --spec launch/specs/demo.yaml $(ARGS)
 
 test: install-test
-	PATH=$(abspath $(BIN)):$$PATH OF_ORIGINAL_PACKAGE=$(abspath $(ORIGINAL)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH OF_ORIGINAL_PACKAGE=$(abspath $(ORIGINAL)) \
+	  OF_REFERENCE_PACKAGE=$(abspath $(REFERENCE)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs demo_data .pytest_cache

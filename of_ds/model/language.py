@@ -93,8 +93,8 @@ MPT_SUPPORTED = {
     "attn_config.attn_uses_sequence_id": (False,),
     "attn_config.sliding_window_size": (-1,),
     "attn_config.attn_logit_softcapping": (None,),
-    # dropout (the LM runs in train mode while training): transformers drops nothing after the embeddings, applies
-    # attn_pdrop to the residual branches too, and ignores resid_pdrop
+    # dropout (the LM runs in train mode while training): transformers has no embedding dropout, applies attn_pdrop
+    # to the attention and MLP outputs too, and ignores resid_pdrop
     "attn_config.attn_pdrop": (0,),
     "resid_pdrop": (0,),
     "emb_pdrop": (0,),

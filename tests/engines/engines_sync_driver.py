@@ -52,7 +52,7 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     engine_kind, precision, *flags = kind.split(":")
     d = tiny_spec_dict(tok_dir, out, engine={"kind": engine_kind, "precision": precision, "zero_stage": 2, "fuse_datasets": "fused" in flags})
     if "mpt" in flags:
-        d["model"]["lm"]["config"] = {"model_type": "mpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64, "expansion_ratio": 2}
+        d["model"]["lm"]["config"] = {"model_type": "mpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64}
     d["logging"]["every_n_steps"] = 10
     d["checkpoint"]["every_n_steps"] = 100
     spec = RunSpec.from_dict(d)

@@ -96,7 +96,7 @@ def test_sdpa_counts_as_one_fused_kernel_each_way():
 
 
 TINY_MPT = ["engine.precision=bf16",
-            "model.lm.config={model_type: mpt, d_model: 64, n_layers: 2, n_heads: 4, vocab_size: 1000, max_seq_len: 256, expansion_ratio: 2}"]
+            "model.lm.config={model_type: mpt, d_model: 64, n_layers: 2, n_heads: 4, vocab_size: 1000, max_seq_len: 256}"]
 
 
 def test_step_counts_match_the_flop_counter_and_packing_halves_the_gemm_launches(tmp_path):

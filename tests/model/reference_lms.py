@@ -18,6 +18,7 @@ Without the llm-foundry install these helpers skip the test, or fail it under CI
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import json
@@ -174,6 +175,7 @@ def mosaicgpt_mirror_available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _examples_modules(mirror: str, lp_layer_norm: type):
     dest = Path(tempfile.mkdtemp(prefix="of_ds_mosaicgpt_"))
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
     archive = subprocess.run(["git", f"--git-dir={mirror}", "archive", MOSAICGPT_COMMIT, *MOSAICGPT_PATHS],
                              capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)

@@ -29,6 +29,10 @@ from of_ds.convert.report import Counts
 
 Member = tuple[str, bytes]  # (suffix after the key, data)
 PLACEHOLDER = re.compile(r"_!_IMAGE\d+_!_")
+# The Flamingo tokens: text that spells one would become that token in training, so such documents are skipped
+# (`text_has_special_token`). The LM's own special tokens (eos, pad...) depend on the tokenizer: the loader drops
+# those documents by the same rule.
+SPECIAL_TOKENS = ("<image>", "<|endofchunk|>")
 URL_HASH_EXTS = ("", ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 
 
@@ -103,10 +107,15 @@ def safe_image_path(directory: Path, name: object) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------- MMC4
+def has_special_token(text: str) -> bool:
+    return any(t in text for t in SPECIAL_TOKENS)
+
+
 def mmc4_problem(doc: object) -> str | None:
     """The skip reason for a document the loader could not use, or None. A similarity matrix must be
     [len(image_info)][len(text_list)] finite numbers: the loader pairs images with sentences through it, so a document
-    with any other shape is skipped (`bad_similarity_matrix`) rather than written with pairs that mean nothing."""
+    with any other shape is skipped (`bad_similarity_matrix`) rather than written with pairs that mean nothing. A
+    document that lists no images is not checked for one (it is written, counted in `documents_without_images`)."""
     if not isinstance(doc, dict):
         return "bad_schema"
     texts, infos = doc.get("text_list"), doc.get("image_info")
@@ -114,6 +123,10 @@ def mmc4_problem(doc: object) -> str | None:
         return "bad_schema"
     if not isinstance(infos, list) or not all(isinstance(i, dict) for i in infos):
         return "bad_schema"
+    if any(has_special_token(t) for t in texts):
+        return "text_has_special_token"
+    if not infos:
+        return None
     sim = doc.get("similarity_matrix")
     if not isinstance(sim, list) or len(sim) != len(infos):
         return "bad_similarity_matrix"
@@ -208,21 +221,27 @@ def _entry_url(entry: object) -> str | None:
 
 
 def chatgpt_members(raw: bytes, image_dir: Path, policy: ImagePolicy, counts: Counts) -> list[Member] | None:
-    """The `K.json` member of one ChatGPT sequence with every `image_map[p].base64_image` filled, or None when
-    skipped. Every placeholder's image is needed (the text refers to each), so one unusable image skips the
-    document, counted as `image_missing` / `image_corrupt` / `image_too_small`."""
+    """The `K.json` member of one ChatGPT sequence with `image_map[p].base64_image` filled for every placeholder
+    `p` of the text, or None when skipped. Every placeholder's image is needed (the text refers to each), so one
+    unusable image skips the document, counted as `image_missing` / `image_corrupt` / `image_too_small`. Entries
+    no placeholder names are never used: they are left as they are, not looked up or counted."""
     doc = parse_line(raw, counts)
     if doc is None:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("example"), str) or not isinstance(doc.get("image_map"), dict):
         counts.skip("bad_schema")
         return None
+    if has_special_token(doc["example"]):
+        counts.skip("text_has_special_token")
+        return None
     image_map = doc["image_map"]
-    if any(p not in image_map for p in PLACEHOLDER.findall(doc["example"])):
+    named = list(dict.fromkeys(PLACEHOLDER.findall(doc["example"])))  # each placeholder once, in text order
+    if any(p not in image_map for p in named):
         counts.skip("placeholder_without_image")
         return None
     failed: str | None = None
-    for placeholder, entry in list(image_map.items()):
+    for placeholder in named:
+        entry = image_map[placeholder]
         if isinstance(entry, dict) and isinstance(entry.get("base64_image"), str):
             counts.images_referenced += 1  # already filled upstream: kept as it is
             counts.images_found += 1
@@ -244,7 +263,7 @@ def chatgpt_members(raw: bytes, image_dir: Path, policy: ImagePolicy, counts: Co
         counts.skip(failed)
         return None
     doc.setdefault("is_gpt", True)
-    counts.images_written += sum(isinstance(e, dict) and "base64_image" in e for e in image_map.values())
+    counts.images_written += sum(isinstance(image_map[p], dict) and "base64_image" in image_map[p] for p in named)
     counts.documents_read += 1
     counts.documents_written += 1
     return [("json", _dumps(doc))]

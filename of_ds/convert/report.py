@@ -4,7 +4,7 @@ Invariants (checked by `check_adds_up`):
 - documents_read == documents_written + sum(documents_skipped.values())
 - images_referenced == images_found + images_missing + images_corrupt + images_too_small
   (every image looked at: those of written documents, and in ChatGPT mode also those of a sequence skipped for one
-  unusable image; a document skipped for its JSON or schema has its images never looked at)
+  unusable image; a document skipped for its JSON, schema or text has its images never looked at)
 - images_written <= images_found (the images in the output shards)
 """
 

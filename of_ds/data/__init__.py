@@ -11,27 +11,27 @@ import logging
 import os
 
 from ..spec import DatasetSpec, RunSpec
-from .drops import DataStalledError, DropCounter, DropSample
+from .drops import DataStalledError, DropCounter, DropSample, ImagePairingError
 from .images import ImageTransform, as_image_spec
 from .interleaved import DocumentRules, InterleavedBatcher, prepare_document, wants_member
 from .laion import WANTED_EXTS, LaionBatcher, prepare_laion
 from .loader import TrainData, steps_for
 from .shards import expand_shards, read_shard_sizes
 from .stream import StreamPlan, mix_seed, name_seed
-from .tokens import token_info
+from .tokens import TokenInfo, token_info
 
-__all__ = ["build_train_data", "build_stream_plan", "TrainData", "DataStalledError", "DropSample"]
+__all__ = ["build_train_data", "build_stream_plan", "TrainData", "DataStalledError", "DropSample", "ImagePairingError"]
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_DROPS = 2000
 
 
-def _laion_prepare(sample: dict, counter: DropCounter):
-    return prepare_laion(sample)
+def _laion_prepare(sample: dict, counter: DropCounter, tokens: TokenInfo):
+    return prepare_laion(sample, tokens)
 
 
-def _document_prepare(sample: dict, counter: DropCounter, rules: DocumentRules, eos_token: str):
-    return prepare_document(sample, rules, eos_token, counter)
+def _document_prepare(sample: dict, counter: DropCounter, rules: DocumentRules, tokens: TokenInfo):
+    return prepare_document(sample, rules, tokens, counter)
 
 
 def build_stream_plan(ds: DatasetSpec, seed: int, tokenizer, image_processor_cfg, runtime, *,
@@ -42,14 +42,14 @@ def build_stream_plan(ds: DatasetSpec, seed: int, tokenizer, image_processor_cfg
     transform = ImageTransform(as_image_spec(image_processor_cfg), draft=ds.decode_draft)
     if ds.kind == "laion":
         wanted = WANTED_EXTS.__contains__
-        prepare = _laion_prepare
+        prepare = functools.partial(_laion_prepare, tokens=tokens)
         make_batcher = functools.partial(LaionBatcher, ds.batch_size, transform, tokenizer, tokens,
                                          ds.effective_max_tokens(), ds.flip_prob)
     else:
         rules = DocumentRules(ds.kind, ds.max_images, ds.min_images, ds.sim_threshold, ds.min_image_bytes,
                               ds.single_image_drop_prob, ds.flip_prob, ds.effective_max_tokens())
         wanted = wants_member
-        prepare = functools.partial(_document_prepare, rules=rules, eos_token=tokens.eos_token)
+        prepare = functools.partial(_document_prepare, rules=rules, tokens=tokens)
         make_batcher = functools.partial(InterleavedBatcher, ds.batch_size, transform, tokenizer, tokens, rules)
     return StreamPlan(
         name=ds.name, urls=expand_shards(ds.shards, field), resampled=ds.resampled,

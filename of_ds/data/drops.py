@@ -18,6 +18,11 @@ class DropSample(Exception):
         self.reason = reason
 
 
+class ImagePairingError(RuntimeError):
+    """A kept sample's k-th `<image>` token is not the image its text placed k-th: a bug in our stages, never
+    bad data (data that could cause it is dropped before), so it is raised, not counted."""
+
+
 class DataStalledError(RuntimeError):
     """A dataset dropped every sample for too long: its data (or its settings) cannot produce batches."""
 

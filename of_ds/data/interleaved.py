@@ -8,6 +8,11 @@ It reads both shard layouts: the original's (`image_info[i].image_base64`) and t
 MMC4 follows the original main branch (reference section 2.2), with its order bug B1 fixed: image-sentence
 pairs are sorted by sentence before keeping `max_images`, so the k-th `<image>` token is the k-th image.
 ChatGPT documents (`is_gpt`) follow section 2.3 without the off-by-one B9 (all `max_images` images are kept).
+
+Source text that spells a special token literally (`<image>`, `<|endofchunk|>`, the tokenizer's eos, pad...) is
+dropped (`text_has_special_token`): only the markers placed here become `<image>` tokens. Each `Document` records
+where its markers are (`anchors`), built alongside the text, and the batcher checks every kept row against them:
+the k-th `<image>` token must be the marker of image k (`ImagePairingError` otherwise: a bug, never data).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..model.labels import build_labels
-from .drops import DropCounter, DropSample
+from .drops import DropCounter, DropSample, ImagePairingError
 from .images import ImageTransform, batch_pixels, open_image
 from .tokens import EOC, MEDIA, TokenInfo
 
@@ -36,6 +41,7 @@ class Document(NamedTuple):
     key: str
     text: str  # with <image> / <|endofchunk|> markers and the final <|endofchunk|>{eos}
     images: list[bytes]  # the image of the k-th <image> marker at position k
+    anchors: tuple[int, ...]  # character offset in `text` of image k's <image> marker, recorded as it was placed
     chatgpt: bool = False  # ChatGPT sequences skip the single-image rules (as the original)
 
 
@@ -57,8 +63,10 @@ def wants_member(ext: str) -> bool:
     return ext == "json" or ext[:1].isdigit()
 
 
-def prepare_document(sample: dict, rules: DocumentRules, eos_token: str, counter: DropCounter) -> Document:
-    """Parse, validate and select: one `Document` or DropSample (reason). Image-level skips go to `counter`."""
+def prepare_document(sample: dict, rules: DocumentRules, tokens: TokenInfo, counter: DropCounter) -> Document:
+    """Parse, validate and select: one `Document` or DropSample (reason). Image-level skips go to `counter`.
+
+    Under `kind: chatgpt` every document is a ChatGPT sequence; under `kind: mmc4`, those with an `is_gpt` key."""
     if "json" not in sample:
         raise DropSample("missing_json", sample["__key__"])
     try:
@@ -71,8 +79,8 @@ def prepare_document(sample: dict, rules: DocumentRules, eos_token: str, counter
     if not isinstance(doc, dict):
         raise DropSample("invalid_json", f"{sample['__key__']}: top level is not an object")
     if "is_gpt" in doc or rules.kind == "chatgpt":
-        return _prepare_gpt(sample, doc, rules, eos_token)
-    return _prepare_mmc4(sample, doc, rules, eos_token, counter)
+        return _prepare_gpt(sample, doc, rules, tokens)
+    return _prepare_mmc4(sample, doc, rules, tokens, counter)
 
 
 def _image_bytes(sample: dict, info: dict, base64_field: str) -> bytes | None:
@@ -119,9 +127,17 @@ def _image_size(sample: dict, info: dict) -> int:
     raise DropSample("image_missing")
 
 
-def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str, counter: DropCounter) -> Document:
+def _check_source_text(texts: list[str], tokens: TokenInfo, key: str) -> None:
+    """DropSample if any source text spells a special token: it would tokenize as that token, not as text."""
+    for text in texts:
+        found = tokens.special_in(text)
+        if found is not None:
+            raise DropSample("text_has_special_token", f"{key}: {found!r} in the text")
+
+
+def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, tokens: TokenInfo, counter: DropCounter) -> Document:
     key = sample["__key__"]
-    for field in ("text_list", "image_info", "similarity_matrix"):
+    for field in ("text_list", "image_info"):
         if field not in doc:
             raise DropSample("missing_key", f"{key}: no '{field}'")
     sentences, image_info = doc["text_list"], doc["image_info"]
@@ -129,6 +145,11 @@ def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str,
         raise DropSample("bad_document", f"{key}: text_list is not a list of strings")
     if not (isinstance(image_info, list) and all(isinstance(i, dict) for i in image_info)):
         raise DropSample("bad_document", f"{key}: image_info is not a list of objects")
+    if not image_info:  # whatever its similarity matrix looks like (MMC4 writes [] for these)
+        raise DropSample("no_images", key)
+    if "similarity_matrix" not in doc:
+        raise DropSample("missing_key", f"{key}: no 'similarity_matrix'")
+    _check_source_text(sentences, tokens, key)
     try:
         sim = np.asarray(doc["similarity_matrix"], dtype=np.float64)
     except (ValueError, TypeError):
@@ -149,8 +170,8 @@ def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str,
         candidates.append(i)
     data: dict[int, bytes] = {}
     while True:  # assign, then fetch only the kept images; one that turns out bad is excluded and we re-assign
-        if not candidates:
-            raise DropSample("no_images", key)
+        if not candidates:  # each image's own reason is counted above
+            raise DropSample("no_usable_images", key)
         sub = sim[candidates]
         rows, cols = linear_sum_assignment(-sub)  # one image per sentence and vice versa, maximising similarity
         pairs = sorted((int(c), candidates[r]) for r, c in zip(rows, cols) if sub[r, c] >= rules.sim_threshold)
@@ -170,13 +191,15 @@ def _prepare_mmc4(sample: dict, doc: dict, rules: DocumentRules, eos_token: str,
             break
         candidates = [i for i in candidates if i not in bad]
 
-    sentences = list(sentences)
+    eoc, media = _sentinels(sentences)
+    marked = list(sentences)
     for sentence_ix, _ in pairs:
-        sentences[sentence_ix] = f"{EOC}{MEDIA}{sentences[sentence_ix]}"
-    return Document(key, _finish_text(" ".join(sentences), eos_token), [data[i] for _, i in pairs])
+        marked[sentence_ix] = f"{eoc}{media}{marked[sentence_ix]}"
+    text, anchors = _expand(_cleanup(" ".join(marked), eoc, media), eoc, media)
+    return Document(key, f"{text}{EOC}{tokens.eos_token}", [data[i] for _, i in pairs], anchors)
 
 
-def _prepare_gpt(sample: dict, doc: dict, rules: DocumentRules, eos_token: str) -> Document:
+def _prepare_gpt(sample: dict, doc: dict, rules: DocumentRules, tokens: TokenInfo) -> Document:
     key = sample["__key__"]
     for field in ("example", "image_map"):
         if field not in doc:
@@ -184,7 +207,9 @@ def _prepare_gpt(sample: dict, doc: dict, rules: DocumentRules, eos_token: str) 
     text, image_map = doc["example"], doc["image_map"]
     if not isinstance(text, str) or not isinstance(image_map, dict):
         raise DropSample("bad_document", f"{key}: example must be a string and image_map an object")
-    placeholders = _GPT_PLACEHOLDER.findall(text)[: rules.max_images]  # B9: keep max_images, not one fewer
+    _check_source_text([text], tokens, key)
+    # B9: keep max_images, not one fewer; the text from the next placeholder on is cut, so those need no entry
+    placeholders = _GPT_PLACEHOLDER.findall(text)[: rules.max_images]
     images = []
     for number in placeholders:
         entry = image_map.get(f"_!_IMAGE{number}_!_")
@@ -198,22 +223,71 @@ def _prepare_gpt(sample: dict, doc: dict, rules: DocumentRules, eos_token: str) 
             raise DropSample("missing_key", f"{key}: _!_IMAGE{number}_!_ has no image")
         open_image(raw)
         images.append(raw)
-    text = _GPT_PLACEHOLDER.sub(f"{EOC}{MEDIA}", text)
-    text = _cleanup(text)
-    starts = [m.start() for m in re.finditer(re.escape(MEDIA), text)]
+    eoc, media = _sentinels([text])
+    marked = _cleanup(_GPT_PLACEHOLDER.sub(f"{eoc}{media}", text), eoc, media)
+    starts = [m.start() for m in re.finditer(re.escape(media), marked)]  # one per placeholder, in text order
     if len(starts) > rules.max_images:
-        text = text[: starts[rules.max_images]].removesuffix(EOC)  # cut before the first image beyond max_images
-    return Document(key, f"{text}{EOC}{eos_token}", images, chatgpt=True)
+        marked = marked[: starts[rules.max_images]].removesuffix(eoc)  # cut before the first image beyond max_images
+    text, anchors = _expand(marked, eoc, media)
+    return Document(key, f"{text}{EOC}{tokens.eos_token}", images, anchors, chatgpt=True)
 
 
-def _cleanup(text: str) -> str:
+def _sentinels(texts: list[str]) -> tuple[str, str]:
+    """Two private-use characters that occur in none of `texts`: the markers while the text is assembled, so that
+    only the markers placed here (never a source character) become `<|endofchunk|>` / `<image>`."""
+    found = []
+    for code in range(0xE000, 0xF900):
+        ch = chr(code)
+        if not any(ch in t for t in texts):
+            found.append(ch)
+            if len(found) == 2:
+                return found[0], found[1]
+    raise DropSample("bad_document", "the text uses every private-use character")
+
+
+def _cleanup(text: str, eoc: str = EOC, media: str = MEDIA) -> str:
     """The original's marker cleanup: drop the first `<|endofchunk|>`, and spaces around the markers."""
-    text = text.replace(EOC, "", 1)
-    return text.replace(f" {EOC}", EOC).replace(f"{MEDIA} ", MEDIA).replace(f" {MEDIA}", MEDIA)
+    text = text.replace(eoc, "", 1)
+    return text.replace(f" {eoc}", eoc).replace(f"{media} ", media).replace(f" {media}", media)
 
 
-def _finish_text(text: str, eos_token: str) -> str:
-    return f"{_cleanup(text)}{EOC}{eos_token}"
+def _expand(marked: str, eoc: str, media: str) -> tuple[str, tuple[int, ...]]:
+    """Sentinels -> `<|endofchunk|>` / `<image>`; returns the text and the offset of each `<image>` marker."""
+    parts, anchors, pos = [], [], 0
+    for i, piece in enumerate(re.split(f"({re.escape(eoc)}|{re.escape(media)})", marked)):
+        if i % 2:
+            if piece == media:
+                anchors.append(pos)
+                piece = MEDIA
+            else:
+                piece = EOC
+        parts.append(piece)
+        pos += len(piece)
+    return "".join(parts), tuple(anchors)
+
+
+def check_pairing(doc: Document, ids: list[int], mask: list[int], offsets: list[tuple[int, int]] | None,
+                  media_id: int) -> int:
+    """The number of `<image>` tokens in a tokenized row, after checking that the k-th of them is image k's marker.
+
+    Text level: every `<image>` in the text is a marker placed for an image, in image order. Token level: no more
+    `<image>` tokens than images; with offsets, the k-th one spans marker k, and every marker inside the kept
+    (untruncated) text has its token. Raises ImagePairingError: a violation is a bug in our stages."""
+    placed = [m.start() for m in re.finditer(re.escape(MEDIA), doc.text)]
+    if len(doc.anchors) != len(doc.images) or placed != list(doc.anchors):
+        raise ImagePairingError(f"{doc.key}: {len(doc.images)} images, markers placed at {list(doc.anchors)}, "
+                                f"<image> found in the text at {placed}")
+    positions = [i for i, t in enumerate(ids) if t == media_id]
+    n = len(positions)
+    if n > len(doc.images):
+        raise ImagePairingError(f"{doc.key}: {n} <image> tokens for {len(doc.images)} images")
+    if offsets is not None:
+        starts = [offsets[i][0] for i in positions]
+        kept_end = max((e for (_, e), m in zip(offsets, mask) if m), default=0)
+        if starts != list(doc.anchors[:n]) or (n < len(doc.anchors) and doc.anchors[n] < kept_end):
+            raise ImagePairingError(f"{doc.key}: <image> tokens at characters {starts}, markers at "
+                                    f"{list(doc.anchors)}, text kept up to character {kept_end}")
+    return n
 
 
 class InterleavedBatcher:
@@ -233,11 +307,10 @@ class InterleavedBatcher:
 
     def add(self, doc: Document, rng: random.Random) -> bool:
         """Add one document (or DropSample with the reason); True when the batch is full."""
-        enc = self.tokenizer(doc.text, max_length=self.rules.max_tokens, truncation=True, padding="max_length")
+        enc = self.tokenizer(doc.text, max_length=self.rules.max_tokens, truncation=True, padding="max_length",
+                             return_offsets_mapping=self.tokens.offsets)
         ids = enc["input_ids"]
-        n = ids.count(self.tokens.media_id)
-        if n > len(doc.images):
-            raise DropSample("text_has_image_token", doc.key)  # the document's own text spells "<image>"
+        n = check_pairing(doc, ids, enc["attention_mask"], enc.get("offset_mapping"), self.tokens.media_id)
         if n < self.rules.min_images:
             raise DropSample("too_few_images", doc.key)
         if n == 1 and not doc.chatgpt:

@@ -2,6 +2,8 @@
 
 Caption template and tokenization follow the original trainer (reference section 2.1):
 `<image>{caption.strip()}<|endofchunk|>{eos}`, right padding to the longest row, truncation at `max_tokens`.
+A caption that spells a special token literally is dropped (`text_has_special_token`); every batch row is checked
+to hold exactly one `<image>` token, the caption's first marker (`ImagePairingError` otherwise: a bug).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ..model.labels import build_labels
-from .drops import DropSample
+from .drops import DropSample, ImagePairingError
 from .images import ImageTransform, batch_pixels
 from .tokens import EOC, MEDIA, TokenInfo
 
@@ -24,8 +26,9 @@ class LaionPair(NamedTuple):
     image: bytes
     caption: str
 
-def prepare_laion(sample: dict) -> LaionPair:
-    """Check a raw sample has an image and a non-empty caption (cheap; runs before the shuffle buffer)."""
+def prepare_laion(sample: dict, tokens: TokenInfo) -> LaionPair:
+    """Check a raw sample has an image and a non-empty caption without special tokens (cheap; runs before the
+    shuffle buffer)."""
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if image is None:
         raise DropSample("missing_image", sample["__key__"])
@@ -37,8 +40,9 @@ def prepare_laion(sample: dict) -> LaionPair:
         raise DropSample("bad_caption", sample["__key__"]) from None
     if not caption:
         raise DropSample("empty_caption", sample["__key__"])
-    if MEDIA in caption:
-        raise DropSample("text_has_image_token", sample["__key__"])  # one image, so one <image> token
+    found = tokens.special_in(caption)
+    if found is not None:
+        raise DropSample("text_has_special_token", f"{sample['__key__']}: {found!r} in the caption")
     return LaionPair(sample["__key__"], image, caption)
 
 class LaionBatcher:
@@ -63,8 +67,9 @@ class LaionBatcher:
 
     def finish(self) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(self.texts, max_length=self.max_tokens, padding="longest", truncation="only_first",
-                             return_tensors="pt")
+                             return_tensors="pt", return_offsets_mapping=self.tokens.offsets)
         ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+        self._check_pairing(ids, enc.get("offset_mapping"))
         batch = {
             "pixel_values": self._pixels_tensor,
             "num_images": torch.ones(self.batch_size, dtype=torch.long),
@@ -74,3 +79,15 @@ class LaionBatcher:
         }
         self._reset()
         return batch
+
+    def _check_pairing(self, ids: torch.Tensor, offsets: torch.Tensor | None) -> None:
+        """Each row's one image belongs to its one `<image>` token, the marker at the start of its text."""
+        media = ids == self.tokens.media_id
+        counts = media.sum(dim=1)
+        bad = (counts != 1).nonzero().flatten().tolist()
+        if not bad and offsets is not None:
+            bad = (offsets[media][:, 0] != 0).nonzero().flatten().tolist()
+        if bad:
+            row = bad[0]
+            raise ImagePairingError(f"LAION batch row {row}: {int(counts[row])} <image> tokens for one image, "
+                                    f"text {self.texts[row]!r}")

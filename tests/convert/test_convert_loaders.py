@@ -77,6 +77,8 @@ def test_loader_reads_chatgpt_output(tmp_path):
     with tarfile.open(tmp_path / "out/000000.tar") as tf:
         (m,) = tf.getmembers()
         sample = {"__key__": m.name.split(".")[0], "json": tf.extractfile(m).read()}
+    from of_ds.data.tokens import TokenInfo
+
     rules = DocumentRules("chatgpt", 3, 1, 0.24, 0, 0.0, 0.0, 64)
-    got = prepare_document(sample, rules, "</s>", DropCounter("gpt", 10))
+    got = prepare_document(sample, rules, TokenInfo(0, 1, 2, "</s>"), DropCounter("gpt", 10))
     assert got.images == photos and got.text.count("<image>") == 2

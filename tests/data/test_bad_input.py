@@ -25,7 +25,7 @@ def test_every_bad_mmc4_case_is_counted_by_its_reason(tmp_path, tokenizer, photo
     d["image_info"][0]["image_base64"] = "x" * 20001  # not a whole number of base64 quads
     members = [
         ("invalid.json", b"{not json"),
-        ("nokey.json", json.dumps({"text_list": ["a."], "image_info": []}).encode()),
+        ("nokey.json", json.dumps({"text_list": ["a."], "image_info": [{}]}).encode()),
         ("badtypes.json", json.dumps({"text_list": [1, 2], "image_info": [], "similarity_matrix": []}).encode()),
         ("ragged.json", json.dumps({"text_list": ["a.", "b."], "image_info": [{}, {}], "similarity_matrix": [[0.3], [0.1, 0.2]]}).encode()),
         *mmc4_base64_members("shape", mmc4_doc(["a.", "b."], [photos["rocket"]], [[0.3, 0.1, 0.2]])),
@@ -35,14 +35,19 @@ def test_every_bad_mmc4_case_is_counted_by_its_reason(tmp_path, tokenizer, photo
         *mmc4_member_members("missing", mmc4_doc(["a.", "b."], [None], [[0.3, 0.1]])),
         ("onlyimage.000.jpg", photos["rocket"]),  # a document whose JSON member is absent
         *mmc4_base64_members("truncjpeg", mmc4_doc(["a.", "b."], [corrupt], [[0.3, 0.1]])),
+        # documents listing no images: MMC4 writes an empty matrix (shape (0,), not (0, sentences)), or none at all
+        ("noimages.json", json.dumps({"text_list": ["a.", "b."], "image_info": [], "similarity_matrix": []}).encode()),
+        ("noimages2.json", json.dumps({"text_list": ["a."], "image_info": []}).encode()),
+        *mmc4_base64_members("literal", mmc4_doc(["a <image> here.", "b."], [photos["rocket"]], [[0.1, 0.3]])),
         *mmc4_base64_members("good", good_doc),
     ]
     batches, drops = run_dataset(tmp_path, members, tokenizer, steps=2)
     assert [b["num_images"].item() for b in batches] == [1, 2]  # badb64's surviving image, then good
     assert drops == {
         "invalid_json": 1, "missing_key": 1, "bad_document": 1, "bad_similarity_matrix": 1,
-        "bad_similarity_shape": 1, "image_too_small": 1, "no_images": 3, "image_undecodable": 1,
-        "image_bad_base64": 1, "image_missing": 1, "missing_json": 1, "bad_image": 1,
+        "bad_similarity_shape": 1, "image_too_small": 1, "no_usable_images": 3, "image_undecodable": 1,
+        "image_bad_base64": 1, "image_missing": 1, "missing_json": 1, "bad_image": 1, "no_images": 2,
+        "text_has_special_token": 1,
     }
 
 
@@ -55,6 +60,9 @@ def test_bad_laion_samples_and_a_truncated_tar_are_counted(tmp_path, tokenizer, 
         *laion_members("garbage", b"not an image at all", "a caption"),
         ("latin.txt", "caf\xe9".encode("latin-1")), ("latin.jpg", photos["coffee"]),
         *laion_members("token", photos["coffee"], "a <image> in the caption"),
+        *laion_members("eoc", photos["coffee"], "ends a chunk <|endofchunk|> early"),
+        *laion_members("eos", photos["coffee"], "the tokenizer's eos </s> inside"),
+        *laion_members("pad", photos["coffee"], "<PAD>"),
     ]
     shard = write_tar(tmp_path / "whole.tar", bad + good)
     with tarfile.open(shard) as tar:
@@ -64,7 +72,7 @@ def test_bad_laion_samples_and_a_truncated_tar_are_counted(tmp_path, tokenizer, 
     batches, drops = run_dataset(tmp_path, [], tokenizer, steps=2, kind="laion", batch_size=2, shards=str(truncated))
     assert len(batches) == 2  # ok0, ok1 from each of two passes over the shard
     assert drops == {"tar_corrupt": 1, "missing_image": 2, "missing_caption": 2, "empty_caption": 2, "bad_image": 2,
-                     "bad_caption": 2, "text_has_image_token": 2}
+                     "bad_caption": 2, "text_has_special_token": 8}
 
 
 def test_an_unopenable_command_shard_is_counted_and_named(tmp_path, tokenizer, photos, caplog):

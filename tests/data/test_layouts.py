@@ -37,14 +37,16 @@ def test_laion_caption_template_labels_and_image(tmp_path, tokenizer, tok, photo
     assert drops == {}
 
 
-def test_laion_key_with_several_images_takes_the_originals_choice():
+def test_laion_key_with_several_images_takes_the_originals_choice(tokenizer):
     """The original reads a LAION sample's image as the first of jpg, png, jpeg ("jpg;png;jpeg")."""
     from of_ds.data.laion import prepare_laion
+    from of_ds.data.tokens import token_info
 
+    tokens = token_info(tokenizer)
     sample = {"__key__": "k", "jpeg": b"jpeg", "png": b"png", "webp": b"webp", "txt": b"a cat"}
-    assert prepare_laion(sample).image == b"png"
-    assert prepare_laion({**sample, "jpg": b"jpg"}).image == b"jpg"
-    assert prepare_laion({k: v for k, v in sample.items() if k != "png"}).image == b"jpeg"
+    assert prepare_laion(sample, tokens).image == b"png"
+    assert prepare_laion({**sample, "jpg": b"jpg"}, tokens).image == b"jpg"
+    assert prepare_laion({k: v for k, v in sample.items() if k != "png"}, tokens).image == b"jpeg"
 
 
 def test_laion_long_caption_is_truncated_to_max_tokens(tmp_path, tokenizer, tok, photos):

@@ -209,6 +209,18 @@ class CheckpointSpec(_Section):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint in the run dir.")
     resume_from: Optional[str] = Field(None, description="An explicit checkpoint dir, or an original OpenFlamingo checkpoint.pt.")
     load_weights_only: bool = Field(False, description="With resume_from: load weights, start a fresh optimizer and step 0.")
+    allow_pickle: bool = Field(
+        False,
+        description="Read checkpoint files this run did not write (resume_from, an original checkpoint.pt, another "
+        "run's folder) with full unpickling, which can run code a file contains. false: tensors and plain containers "
+        "only; a file needing more is refused, naming it.",
+    )
+    original_optimizer: Literal["fresh", "carry"] = Field(
+        "fresh",
+        description="With resume_from an original OpenFlamingo checkpoint_N.pt (its train.py's optimizer state): fresh "
+        "starts AdamW anew; carry takes over its Adam moments and step counts (the input matrix's new-token rows to the "
+        "new-token table), to continue an interrupted original run. The lr schedule is this spec's either way.",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- logging

@@ -1,10 +1,11 @@
 """`tools/bench_step --spec launch/specs/openflamingo-3b.yaml`: time training steps of a spec's model on random
 batches of its shapes, and print one JSON line (step time, samples/s, TFLOP/s, MFU, peak memory).
 
-Nothing is downloaded: an LM given by hub name is replaced by a randomly initialised config of its size (MPT-1B:
-d_model 2048, 24 layers, 16 heads; MPT-7B: 4096, 32, 32; vocab 50432; unknown names get MPT-1B), the vision tower is built unpretrained (with the activation its pretrained tag was trained with), and the tokenizer
-is a local word-level vocabulary of the LM's size. `--tiny` shrinks model and batches so it runs on a CPU;
-`--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
+Nothing is downloaded: an LM given by hub name is built randomly initialised from its release's published config
+(`of_ds.model.releases.LM_CONFIGS`: the 3B recipe's MosaicGPT with QK LayerNorm, the 4B's GPT-NeoX, the 9B's MPT;
+unknown names get the 3B recipe's), the vision tower is built unpretrained (with the activation its pretrained tag
+was trained with), and the tokenizer is a local word-level vocabulary of the releases' tokenizer size (50277).
+`--tiny` shrinks model and batches so it runs on a CPU; `--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
 dispatches, measurable on a CPU). `--traffic` times nothing: it counts one step's bytes and FLOPs on the meta device
 at the recipe's sizes and projects the kernel time (`of_ds.engines.traffic`).
 FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every image slot counted).
@@ -13,6 +14,7 @@ FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -22,14 +24,16 @@ from pathlib import Path
 
 import torch
 
+from ..model.releases import GPT_NEOX_TOKENS, LM_CONFIGS, MPT_1B
 from ..model.vision import uses_quick_gelu
 from ..spec import RunSpec
 
-MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_layers": 24, "n_heads": 16, "vocab_size": 50432, "max_seq_len": 2048, "expansion_ratio": 4}
-MPT_7B = {**MPT_1B, "d_model": 4096, "n_layers": 32, "n_heads": 32}
-# the recipes' hub LMs, by size (random init at these shapes); any other hub name gets MPT_1B
-KNOWN_LM_CONFIGS = {"anas-awadalla/mpt-1b-redpajama-200b": MPT_1B, "anas-awadalla/mpt-7b": MPT_7B, "mosaicml/mpt-7b": MPT_7B}
-MPT_1B_TOKENS = 50277  # GPT-NeoX tokenizer size; the matrix is padded to 50432
+# the skeleton's LM widths, by family: (width, heads, vocabulary) keys
+SKELETON_LM = {
+    "mpt": {"d_model": 32, "n_heads": 2, "vocab_size": 512},
+    "mosaic_gpt": {"d_model": 32, "n_heads": 2, "vocab_size": 512},
+    "gpt_neox": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 128, "vocab_size": 512},
+}
 TINY_SETS = [
     "model.lm.config={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: false}",
     "model.vision.name=bench-vit-tiny", "model.vision.pretrained=null",
@@ -60,12 +64,12 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path, skel
     m["vision"]["quick_gelu"] = uses_quick_gelu(spec.model.vision)
     m["vision"]["pretrained"] = None
     if m["lm"]["config"] is None:
-        config = KNOWN_LM_CONFIGS.get(m["lm"]["name_or_path"], MPT_1B)
-        m["lm"].update(config=dict(config), name_or_path=None, trust_remote_code=False)
+        config = release_lm_config(m["lm"]["name_or_path"])
+        m["lm"].update(config=config, name_or_path=None, trust_remote_code=False)
     if skeleton:
         shrink_to_skeleton(m)
     lm_vocab = m["lm"]["config"].get("vocab_size", 1000 if tiny else MPT_1B["vocab_size"])
-    n_tokens = min(MPT_1B_TOKENS, lm_vocab) if not tiny else lm_vocab - 8
+    n_tokens = min(GPT_NEOX_TOKENS, lm_vocab) if not tiny else lm_vocab - 8
     m["tokenizer"] = str(synthetic_tokenizer(n_tokens, tmp / "tokenizer"))
     if tiny:
         for d in data["data"]["datasets"]:
@@ -73,6 +77,14 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path, skel
                      max_images=min(d.get("max_images", 6), 2), max_tokens=32 if d["kind"] == "laion" else 64)
     data["run"]["output_dir"] = str(tmp / "runs")
     return RunSpec.from_dict(data)
+
+
+def release_lm_config(name: str) -> dict:
+    """A release LM's published config (unknown names: the 3B recipe's), built in fp32 as a loaded LM is (its
+    `torch_dtype` left out); the engine casts the model to `engine.precision`."""
+    config = copy.deepcopy(LM_CONFIGS.get(name, MPT_1B))
+    config.pop("torch_dtype", None)
+    return config
 
 
 def shrink_to_skeleton(m: dict) -> None:
@@ -83,9 +95,9 @@ def shrink_to_skeleton(m: dict) -> None:
     import open_clip
 
     lm = m["lm"]["config"]
-    if lm.get("model_type") != "mpt":
-        raise SystemExit("--skeleton: only MPT-family LMs (the recipes') are shrunk")
-    m["lm"]["config"] = {**lm, "d_model": 32, "n_heads": 2, "vocab_size": 512}
+    if lm.get("model_type") not in SKELETON_LM:
+        raise SystemExit(f"--skeleton: only the recipes' LM families ({', '.join(SKELETON_LM)}) are shrunk")
+    m["lm"]["config"] = {**lm, **SKELETON_LM[lm["model_type"]]}
     vision = (m["vision"]["config"] or open_clip.get_model_config(m["vision"]["name"]))["vision_cfg"]
     grid = vision.get("image_size", 224) // vision["patch_size"]
     m["vision"].update(name="skeleton-vit", config={

@@ -24,21 +24,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--num-beams", type=int, default=None, help="only this search (default: greedy and beam search of 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--allow-pickle", action="store_true", help="unpickle the checkpoint fully (can run code it contains)")
     return p.parse_args(argv)
 
 
-def load_weights(model, path: str | Path) -> None:
+def load_weights(model, path: str | Path, allow_pickle: bool = False) -> None:
     """Our trainable layout if it has `new_tokens.*` keys, else the original OpenFlamingo layout (strict)."""
+    from ..train.untrusted import load_untrusted
     from .checkpoint_keys import load_openflamingo_state_dict, unwrap_checkpoint
 
-    sd = unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    sd = unwrap_checkpoint(load_untrusted(path, allow_pickle=allow_pickle, opt_in="--allow-pickle"))
     if any(k.startswith("new_tokens.") for k in sd):
         model.load_trainable_state_dict(sd)
     else:
         load_openflamingo_state_dict(model, sd)
 
 
-def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str]):
+def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str], allow_pickle: bool = False):
     """-> (model, image_processor, tokenizer) with the checkpoint's trainable weights."""
     from ..spec import RunSpec
     from . import build_flamingo
@@ -50,7 +52,7 @@ def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str
 
         step = find_checkpoint(path)
         spec = RunSpec.from_yaml(spec_path or step / "spec.yaml", overrides=overrides)
-        model, spec = load_checkpoint_into_model(step, spec)
+        model, spec = load_checkpoint_into_model(step, spec, allow_pickle)
         m = spec.model
         tok = load_tokenizer(m.tokenizer or m.lm.name_or_path, offline=m.offline, trust_remote_code=m.lm.trust_remote_code, cache_dir=m.lm.cache_dir)
         return model, build_image_processor(model.vision_encoder), tok
@@ -61,7 +63,7 @@ def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str
     spec = RunSpec.from_yaml(spec_path, overrides=overrides)
     seed_everything(spec.run.seed)  # randomly initialised frozen parts (tests, demo) come out as in training
     model, processor, tok = build_flamingo(spec.model)
-    load_weights(model, path)
+    load_weights(model, path, allow_pickle)
     return model, processor, tok
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("generate: " + "\n  ".join(problems), file=sys.stderr)
         return 2
     try:
-        model, processor, tok = build_from_checkpoint(Path(args.checkpoint), args.spec, args.set)
+        model, processor, tok = build_from_checkpoint(Path(args.checkpoint), args.spec, args.set, args.allow_pickle)
     except (SpecError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"generate: {e}", file=sys.stderr)
         return 2

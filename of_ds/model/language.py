@@ -37,14 +37,14 @@ def build_language_model(spec: LMSpec, *, offline: bool, load_weights: bool = Tr
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         check_native_mpt_config(config)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **_attn_kwargs(spec, config))
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, dtype=torch.float32, **_attn_kwargs(spec, config))
     else:
         remote = use_remote_code(spec, offline)
         common = dict(trust_remote_code=remote, cache_dir=spec.cache_dir, local_files_only=offline)
         config = AutoConfig.from_pretrained(spec.name_or_path, **common)
         check_native_mpt_config(config)
         if not load_weights:
-            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, **_attn_kwargs(spec, config))
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, dtype=torch.float32, **_attn_kwargs(spec, config))
         else:
             lm = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=torch.float32, **_attn_kwargs(spec, config), **common)
     if spec.attention == "sdpa" and getattr(lm.config, "model_type", None) == "mpt":

@@ -114,7 +114,7 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731

@@ -18,27 +18,31 @@ import torch
 
 from ..spec import RunSpec
 from .checkpoint import find_checkpoint
+from .untrusted import UnsafeCheckpointError, check_checkpoint_dir, load_untrusted
 
 
-def read_trainable_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Our-layout trainable weights (fp32 where the engine kept fp32 masters) from any engine's files."""
+def read_trainable_weights(step_dir: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Our-layout trainable weights (fp32 where the engine kept fp32 masters) from any engine's files, each read as
+    `load_untrusted` allows (`allow_pickle`: fully)."""
     meta = json.loads((step_dir / "meta.json").read_text())
     if (step_dir / "model.pt").is_file():
-        return torch.load(step_dir / "model.pt", map_location="cpu", weights_only=True)
+        return load_untrusted(step_dir / "model.pt", allow_pickle=allow_pickle)
     if meta.get("engine") != "deepspeed":
         raise FileNotFoundError(f"{step_dir}: no model.pt for engine {meta.get('engine')}")
     if (meta.get("zero_stage") or 0) == 0:
-        states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = load_untrusted(step_dir / "mp_rank_00_model_states.pt", allow_pickle=allow_pickle)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_checkpoint_dir(step_dir, allow_pickle=allow_pickle)  # DeepSpeed unpickles them fully
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, exclude_frozen_parameters=True))
 
 
-def load_weights_into(model, step_dir: Path) -> None:
+def load_weights_into(model, step_dir: Path, allow_pickle: bool = False) -> None:
     """Checkpoint `step_dir`'s trainable weights (any engine's, saved by any number of ranks) into `model`, built
     whole; every trainable parameter must be there, and nothing the model lacks."""
-    weights = read_trainable_weights(step_dir)
+    weights = read_trainable_weights(step_dir, allow_pickle)
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
     if missing:
@@ -52,7 +56,7 @@ def load_weights_into(model, step_dir: Path) -> None:
                 params[name].copy_(value.to(params[name].dtype))
 
 
-def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None):
+def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None, allow_pickle: bool = False):
     """-> (model, spec): the checkpoint's model rebuilt on the CPU with its trainable weights loaded."""
     from ..model import build_flamingo
     from .session import seed_everything
@@ -60,15 +64,15 @@ def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None):
     spec = spec or RunSpec.from_yaml(step_dir / "spec.yaml")
     seed_everything(spec.run.seed)  # same init as training: frozen new-token rows, if any, match
     model, _, _ = build_flamingo(spec.model)
-    load_weights_into(model, step_dir)
+    load_weights_into(model, step_dir, allow_pickle)
     return model, spec
 
 
-def export_checkpoint(src: str | Path, out: str | Path, layout: str = "openflamingo") -> Path:
+def export_checkpoint(src: str | Path, out: str | Path, layout: str = "openflamingo", allow_pickle: bool = False) -> Path:
     from ..model.checkpoint_keys import to_openflamingo_state_dict
 
     step_dir = find_checkpoint(src)
-    model, _ = load_checkpoint_into_model(step_dir)
+    model, _ = load_checkpoint_into_model(step_dir, allow_pickle=allow_pickle)
     sd = to_openflamingo_state_dict(model) if layout == "openflamingo" else {k: v.cpu() for k, v in model.trainable_state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="a run dir, its checkpoints/ dir, or one step-* folder")
     p.add_argument("out", help="output file (.pt)")
     p.add_argument("--layout", choices=["openflamingo", "ours"], default="openflamingo")
+    p.add_argument("--allow-pickle", action="store_true", help="unpickle the checkpoint's files fully (can run code they contain)")
     args = p.parse_args(argv)
     try:
-        path = export_checkpoint(args.run_dir, args.out, args.layout)
-    except (FileNotFoundError, KeyError) as e:
+        path = export_checkpoint(args.run_dir, args.out, args.layout, args.allow_pickle)
+    except (FileNotFoundError, KeyError, UnsafeCheckpointError) as e:
         print(f"export_checkpoint: {e}", file=sys.stderr)
         return 2
     print(path)

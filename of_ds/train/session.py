@@ -20,6 +20,7 @@ from .checkpoint import (
     needs_universal,
     require_complete,
 )
+from .untrusted import check_checkpoint_dir, load_untrusted
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -89,20 +90,84 @@ def find_resume_point(spec: RunSpec, checkpoints: CheckpointManager) -> Optional
         if path.is_file():
             return path  # an original OpenFlamingo checkpoint.pt: loaded into the model before the engine wraps it
         try:
-            return find_checkpoint(path)
+            step = find_checkpoint(path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"checkpoint.resume_from: {e}") from None
+        if not spec.checkpoint.load_weights_only:  # the engine will unpickle its files fully (a weights-only start checks its own reads)
+            check_checkpoint_dir(step, allow_pickle=spec.checkpoint.allow_pickle)
+        return step
     if spec.checkpoint.resume == "auto":
         return checkpoints.latest()
     return None
 
 
-def load_original_checkpoint(model, path: Path) -> None:
+def load_original_checkpoint(model, path: Path, allow_pickle: bool = False) -> None:
     """Continue from an original OpenFlamingo `checkpoint.pt` (weights only; a fresh optimizer and step 0)."""
     from ..model.checkpoint_keys import load_openflamingo_state_dict
 
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    load_openflamingo_state_dict(model, obj, strict=True)
+    load_openflamingo_state_dict(model, load_untrusted(path, allow_pickle=allow_pickle), strict=True)
+
+
+def _set_zero3_moment(param, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of a ZeRO-3 parameter's Adam moment. DeepSpeed's `safe_set_full_optimizer_state` cuts a
+    rank's slice from the unpadded tensor, which fails where a rank holds only padding (a 1-element gate on 2 ranks)."""
+    z3 = param._z3_optimizer
+    part, _ = z3._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    per_rank = param.ds_tensor.ds_numel
+    rank = z3._get_param_partition_rank(param)
+    padded = torch.nn.functional.pad(value.flatten(), (0, max(0, per_rank * (rank + 1) - value.numel())))
+    part.data.copy_(padded[rank * per_rank: rank * per_rank + part.numel()])
+
+
+def carry_original_optimizer(engine, path: Path, spec: RunSpec) -> int:
+    """`checkpoint.original_optimizer: carry`: the original checkpoint's Adam moments and step counts into the
+    engine's optimizer, before its first step (every rank; ZeRO partitions take their own part). -> parameters set."""
+    from ..model.checkpoint_keys import original_optimizer_state
+
+    state = original_optimizer_state(engine.module, load_untrusted(path, allow_pickle=spec.checkpoint.allow_pickle))
+    params = dict(engine.module.named_parameters())
+    if spec.engine.kind == "deepspeed":
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        steps = {float(m["step"]) for m in state.values()}
+        if len(steps) != 1:
+            raise ValueError(f"{path}: the original's parameters have different step counts {sorted(steps)}; "
+                             "DeepSpeed keeps one per parameter group")
+        zero = engine.optimizer
+        # the torch AdamW over DeepSpeed's fp32 partitions (ZeRO-3: one per sub-group) has no state before its
+        # first step: create it, zero, for the moments to be written into
+        partitions = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in zero.optimizer.param_groups for p in g["params"]]
+        for p in partitions:
+            adam = zero.optimizer.state[p]
+            adam.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+            for key in ("exp_avg", "exp_avg_sq"):
+                adam.setdefault(key, torch.zeros_like(p))
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link the moments at their first step
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+        for name, moments in state.items():
+            p = params[name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = moments[key].to(engine.device)
+                if hasattr(p, "ds_id"):
+                    _set_zero3_moment(p, value, key)
+                else:
+                    safe_set_full_optimizer_state(p, value, key)
+        (step,) = steps
+        for adam_state in zero.optimizer.state.values():
+            if "step" in adam_state:
+                old = adam_state["step"]
+                adam_state["step"] = torch.full_like(old, step) if torch.is_tensor(old) else step
+        return len(state)
+    if spec.engine.kind != "ddp":
+        raise ValueError(f"checkpoint.original_optimizer: carry is supported under deepspeed and ddp, not {spec.engine.kind}")
+    for name, moments in state.items():
+        p = params[name]
+        engine.optimizer.state[p] = {"step": moments["step"].to(p.device), **{k: moments[k].to(p) for k in ("exp_avg", "exp_avg_sq")}}
+    from .optim import reapply_fused
+
+    reapply_fused(engine.optimizer, [g.get("fused") for g in engine.optimizer.param_groups])
+    return len(state)
 
 
 def load_start_weights(model, path: Optional[Path], spec: RunSpec) -> None:
@@ -114,10 +179,10 @@ def load_start_weights(model, path: Optional[Path], spec: RunSpec) -> None:
     if path is None:
         return
     if path.is_file():
-        load_original_checkpoint(model, path)
+        load_original_checkpoint(model, path, spec.checkpoint.allow_pickle)
     elif spec.checkpoint.load_weights_only:
         require_complete(path)
-        load_weights_into(model, path)
+        load_weights_into(model, path, spec.checkpoint.allow_pickle)
 
 
 def universal_resume(path: Optional[Path], spec: RunSpec, ds_config: Optional[dict], runtime: Runtime) -> Optional[Path]:
@@ -136,6 +201,11 @@ def universal_resume(path: Optional[Path], spec: RunSpec, ds_config: Optional[di
 def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], spec: RunSpec, runtime: Runtime,
            universal: Optional[Path] = None) -> TrainState:
     if path is None:
+        return TrainState()
+    if path.is_file() and spec.checkpoint.original_optimizer == "carry":
+        n = carry_original_optimizer(engine, path, spec)
+        if runtime.is_main:
+            print(f"[of_ds] started from {path}: its weights and the Adam state of {n} parameters (step 0)", flush=True)
         return TrainState()
     if path.is_file() or spec.checkpoint.load_weights_only:  # the weights are in (load_start_weights)
         if runtime.is_main:

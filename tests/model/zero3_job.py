@@ -1,6 +1,8 @@
 """Run by test_zero3.py under `deepspeed --num_gpus 2`: ZeRO-3 training of a tiny Flamingo, facts -> JSON.
 
 argv: TOKENIZER_DIR OUT_JSON
+  or: original JOBS_JSON OUT_JSON (test_original_checkpoints.py): runs that start from original OpenFlamingo
+      checkpoints under our DeepSpeed engine (each job: a run spec), all in this one launch
 """
 
 import json
@@ -19,8 +21,11 @@ from of_ds.model.checkpoint_keys import to_openflamingo_state_dict  # noqa: E402
 
 
 def main() -> None:
-    tok_dir, out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     deepspeed.init_distributed(dist_backend="gloo")
+    if args[0] == "original":
+        return original_checkpoint_runs(*args[1:])
+    tok_dir, out_path = args
     # untied; tied with activation checkpointing (recomputation re-gathers the partitioned weights)
     facts = {"llama": train_zero3(tok_dir, "llama", False), "opt": train_zero3(tok_dir, "opt", True)}
     # the loss in chunks recomputes the LM head in backward: ZeRO-3 must keep it gathered there
@@ -88,6 +93,73 @@ def train_zero3(tok_dir: str, family: str, checkpointing: bool, loss_chunk_token
             "export_keys": len(to_openflamingo_state_dict(m)),
         }
     return facts
+
+
+def held_moment_equals(param, key: str, expected: torch.Tensor, rank: int, safe_get) -> bool:
+    """The optimizer's `key` moment of `param` equals `expected` (ZeRO-3: this rank's partition of it, read without
+    the all-gather that gloo lacks)."""
+    if not hasattr(param, "ds_id"):
+        return torch.allclose(safe_get(param, key).cpu(), expected)
+    z3 = param._z3_optimizer
+    group, offset, count = z3.grad_position[z3.get_param_id(param)]
+    part = z3.optimizer.state[z3.fp32_partitioned_groups_flat[group]][key].narrow(0, offset, count)
+    padded = torch.nn.functional.pad(expected.flatten(), (0, param.ds_tensor.ds_numel * torch.distributed.get_world_size() - expected.numel()))
+    start = rank * param.ds_tensor.ds_numel
+    return torch.allclose(part.cpu(), padded[start:start + count])
+
+
+def original_checkpoint_runs(jobs_path: str, out_path: str) -> None:
+    """Each job: build our model, load the original checkpoint (`checkpoint.resume_from`, with
+    `checkpoint.original_optimizer`), train under the spec's ZeRO stage with our loop, save our checkpoint."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engines"))
+    from engines_standin import StandInData
+    from deepspeed.utils import safe_get_full_optimizer_state
+    from pathlib import Path
+
+    from of_ds.engines import build_engine
+    from of_ds.engines.deepspeed_config import resolve_deepspeed_config
+    from of_ds.model import build_flamingo
+    from of_ds.model.checkpoint_keys import original_optimizer_state
+    from of_ds.runtime import Runtime
+    from of_ds.spec import RunSpec
+    from of_ds.train.checkpoint import CheckpointManager
+    from of_ds.train.loop import train_loop
+    from of_ds.train.metrics import Metrics
+    from of_ds.train.session import load_start_weights, resume, seed_everything
+    from of_ds.train.untrusted import load_untrusted
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    runtime = Runtime(rank=rank, local_rank=int(os.environ.get("LOCAL_RANK", rank)), world_size=world, device=torch.device("cpu"), backend="gloo")
+    facts = {}
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    for name, spec_dict in jobs.items():
+        spec = RunSpec.from_dict(spec_dict)
+        ds_config, spec = resolve_deepspeed_config(spec, world)
+        seed_everything(spec.run.seed)
+        model, _, tok = build_flamingo(spec.model)
+        path = Path(spec.checkpoint.resume_from)
+        load_start_weights(model, path, spec)
+        carried = original_optimizer_state(model, load_untrusted(path))
+        total = spec.run.max_steps
+        engine = build_engine(model, spec, runtime, total, ds_config)
+        data = StandInData(spec, tok, rank=rank)
+        ck = CheckpointManager(spec.run.run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
+        state = resume(engine, data, ck, path, spec, runtime)
+        params = dict(engine.module.named_parameters())
+        moments_equal = spec.checkpoint.original_optimizer == "carry" and all(  # what the optimizer holds now
+            held_moment_equals(params[n], key, carried[n][key], rank, safe_get_full_optimizer_state)
+            for n in ("perceiver.latents", "new_tokens.input.weight") for key in ("exp_avg", "exp_avg_sq")
+        )
+        metrics = Metrics(spec, runtime, spec.run.run_dir, total)
+        state = train_loop(engine, data, spec, runtime, ck, metrics, state, total)
+        metrics.close()
+        facts[name] = {"moments_equal": moments_equal, "steps": state.step,
+                       "partitioned": hasattr(params["perceiver.latents"], "ds_id")}
+        runtime.barrier()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(facts, f)
 
 
 if __name__ == "__main__":

@@ -252,9 +252,9 @@ def test_carry_the_original_optimizer_under_ddp(written, tiny_tokenizer_dir, tmp
 
 @pytest.mark.slow
 def test_continue_under_zero_2_and_3_then_export_back_to_the_original(written, original, tiny_tokenizer_dir, tmp_path):
-    """Original checkpoints (untied llama, tied mpt) continue training under ZeRO-2 and ZeRO-3 on 2 ranks (one
-    launch), with the original's optimizer state carried over or fresh; the export loads into the original model,
-    which then computes our logits."""
+    """Original checkpoints of every family continue training under ZeRO-2 or ZeRO-3 on 2 ranks (one launch), with
+    the original's optimizer state carried over or fresh; the export loads into the original model, which then
+    computes our logits."""
     import json
     import os
     import subprocess
@@ -268,7 +268,10 @@ def test_continue_under_zero_2_and_3_then_export_back_to_the_original(written, o
     from .original_checkpoints import build_original
 
     runs = {"llama-zero2-carry": ("llama", 2, "carry"), "llama-zero3-fresh": ("llama", 3, "fresh"),
-            "mpt-zero3-carry": ("mpt", 3, "carry"), "mpt-zero2-fresh": ("mpt", 2, "fresh")}
+            "mpt-zero3-carry": ("mpt", 3, "carry"), "mpt-zero2-fresh": ("mpt", 2, "fresh"),
+            "mosaic_gpt-zero3-carry": ("mosaic_gpt", 3, "carry"), "gpt_neox-zero2-carry": ("gpt_neox", 2, "carry"),
+            "opt-zero3-fresh": ("opt", 3, "fresh"), "llama_tied-zero2-fresh": ("llama_tied", 2, "fresh")}
+    assert {f for f, _, _ in runs.values()} == set(FAMILIES)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engines"))
     try:
         jobs = {name: _run_spec(tiny_tokenizer_dir, written(f)[2], tmp_path / "runs", name, {"kind": "deepspeed", "zero_stage": z}, c, written(f)[0])

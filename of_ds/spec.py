@@ -127,9 +127,10 @@ class DatasetSpec(_Section):
     single_image_drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="Drop single-image documents with this probability.")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (the original flips per batch/doc).")
     decode_draft: bool = Field(
-        True,
-        description="Fast decode: JPEGs by libjpeg-turbo at 1/2-1/8 scale where the image is large enough, OpenCV "
-        "resize, within a tested tolerance of open_clip's transform (of_ds/data/README.md); false: the exact transform.",
+        False,
+        description="false (default): the exact open_clip transform, bit-identical. true: JPEGs whose shortest side is "
+        ">= 4x the image size are decoded at 1/2-1/8 DCT scale, leaving >= 2x to the same bicubic resize; within the "
+        "measured per-image error stated in of_ds/data/README.md, faster on large JPEGs only.",
     )
 
     def effective_max_tokens(self) -> int:

@@ -5,6 +5,7 @@
 
 The first batches are a warm-up (worker start, shuffle buffer fill; one by default) and are not timed. With
 `--warmup-batches` past shuffle_buffer / batch_size the shuffle buffer is full: the steady state of a long run.
+The JSON line names the decode path it used (`decode`: exact, the default, or fast; `--decode fast`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=20, help="timed batches (after the warm-up batches)")
     p.add_argument("--warmup-batches", type=int, default=1,
                    help="untimed batches first; past shuffle_buffer / batch_size of them the buffer is full (steady state)")
-    p.add_argument("--no-draft", action="store_true", help="exact open_clip transform (no reduced-size JPEG decoding)")
+    p.add_argument("--decode", choices=["exact", "fast"], default=None,
+                   help="image decode path (decode_draft false / true); default: the spec's default, exact")
+    p.add_argument("--no-draft", dest="decode", action="store_const", const="exact", help="same as --decode exact")
     p.add_argument("--sim-threshold", type=float, default=0.24)
     p.add_argument("--shuffle-buffer", type=int, default=5000)
     p.add_argument("--seed", type=int, default=42)
@@ -60,10 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         "name": args.kind, "kind": args.kind, "shards": args.shards, "batch_size": args.batch_size,
         "workers": args.workers, "resampled": True, "samples_per_epoch": (args.batches + args.warmup_batches) * args.batch_size,
         "shuffle_buffer": args.shuffle_buffer, "shuffle_initial": min(1000, args.shuffle_buffer),
-        "sim_threshold": args.sim_threshold, "decode_draft": not args.no_draft,
+        "sim_threshold": args.sim_threshold,
     }
+    if args.decode is not None:
+        dataset["decode_draft"] = args.decode == "fast"
     spec = RunSpec.from_dict({"data": {"datasets": [dataset]}, "run": {"seed": args.seed}})
     runtime = types.SimpleNamespace(rank=0, world_size=1, local_rank=0)
+    draft = spec.data.datasets[0].decode_draft
     data = build_train_data(spec, load_tokenizer(args.tokenizer, offline=True), vision_image_config(args.vision), runtime)
     started = time.perf_counter()
     iterator = iter(data)
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         "kind": args.kind, "samples_per_s": round(samples / seconds, 2) if seconds else None,
         "samples_per_s_per_worker": round(samples / seconds / max(1, args.workers), 2) if seconds else None,
         "samples": samples, "seconds": round(seconds, 3), "warmup_seconds": round(first - started, 3),
-        "batch_size": args.batch_size, "workers": args.workers, "draft": not args.no_draft,
+        "batch_size": args.batch_size, "workers": args.workers,
+        "decode": "fast" if draft else "exact", "draft": draft,
         "drops": data.drop_counts()[args.kind],
     }))
     sys.stdout.flush()

@@ -5,17 +5,14 @@ crop, to-tensor, normalize) without torch. Normalisation is a per-channel 256-en
 entries are computed with the float32 operations of `ToTensor` + `Normalize`, in the same order, so it is
 bit-identical to them.
 
-`draft=False`: PIL decode, PIL bicubic resize and crop: bit-identical to open_clip's output.
+`draft=False` (the default, exact): PIL decode, PIL bicubic resize and crop: bit-identical to open_clip's output.
 
-`draft=True` (the default, "fast"): YCbCr and grayscale JPEGs are decoded by libjpeg-turbo through simplejpeg,
-at 1/2 scale when the shortest side stays >= the output, 1/4 when it stays >= 1.5x, 1/8 when it stays >= 2x
-(`jpeg_scale`); anything else (PNG, WebP, CMYK JPEGs, and any JPEG simplejpeg refuses: truncated, corrupt, or with
-recoverable errors) is decoded by PIL (JPEGs at the same scale), which then decides whether the image is bad. The
-decoded image is resized by OpenCV to the exact open_clip geometry (2x2 averaging while the image is at least twice
-too large, then bilinear) and center cropped. Against the exact transform at 224 px, per image: mean absolute
-difference <= 2.5 8-bit levels, 99% of pixels within 20, max 96 (isolated edge pixels), about 1.2 on average over
-photos; at 64 px: 4 / 24 / 96 (tests/data/test_images.py pins these bounds). 3-5x faster per image than the exact
-path.
+`draft=True` (opt-in, "fast"): a JPEG whose shortest side is at least 4x the output is decoded by libjpeg at a
+reduced DCT scale (1/2, 1/4 or 1/8: `jpeg_scale`), chosen so that at least a 2x reduction is left after it, and
+that decode is finished by the same PIL bicubic (antialiased) resize, mapped onto the same region of the image.
+Every other image (smaller JPEGs, PNG, WebP...) takes the exact path, so its output is bit-identical. The error
+against the exact transform, measured at 224 px over the wide test set of tests/data/test_decode_fidelity.py, is
+stated in of_ds/data/README.md and pinned there per image.
 """
 
 from __future__ import annotations
@@ -32,16 +29,13 @@ from .drops import DropSample
 
 try:
     import cv2
-    import simplejpeg
-except ImportError:  # pragma: no cover - both are install_requires; without them only draft=False works
-    cv2 = simplejpeg = None
+except ImportError:  # pragma: no cover - an install_requires; without it normalisation takes numpy's slower path
+    cv2 = None
 
 Image.MAX_IMAGE_PIXELS = 1_000_000_000  # as the original trainer: large web images are legitimate
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_SIMPLEJPEG_COLORSPACES = frozenset(("YCbCr", "Gray"))  # CMYK/YCCK: PIL's own conversion (as open_clip sees them)
-_cv2_threads_set = False
+_JPEG_FORMATS = frozenset(("JPEG", "MPO"))
 
 
 class ImageSpec(NamedTuple):
@@ -112,15 +106,15 @@ def lut_normalize_into(pixels: np.ndarray, out: np.ndarray, lut: np.ndarray) -> 
 
 
 def jpeg_scale(width: int, height: int, size: int) -> int:
-    """The DCT scale denominator (1, 2, 4 or 8) of a fast decode: the largest whose decoded shortest side is at
-    least `size` (1/2), 1.5 x `size` (1/4) or 2 x `size` (1/8). libjpeg's 1/4 and 1/8 decodes are block averages
-    (1/8: DC only); they stay close to a proper downscale only when a further reduction follows."""
+    """The DCT scale denominator (1, 2, 4 or 8) of a fast decode: the largest k that still leaves a reduction of at
+    least 2x after the reduced decode (shortest side / k >= 2 x `size`). libjpeg's reduced decodes are close to
+    block averages; a bicubic reduction of 2x or more after them smooths what they differ in from a bicubic
+    reduction of the full image."""
     short = min(width, height)
-    if short >= 16 * size:
-        return 8
-    if short >= 6 * size:
-        return 4
-    return 2 if short >= 2 * size else 1
+    for k in (8, 4, 2):
+        if short >= 2 * k * size:
+            return k
+    return 1
 
 
 def crop_geometry(w: int, h: int, s: int) -> tuple[int, int, int, int]:
@@ -141,18 +135,16 @@ def open_image(data: bytes) -> Image.Image:
 class ImageTransform:
     """Decode bytes and write open_clip's eval transform of the image into a `[3, H, W]` float32 slot."""
 
-    def __init__(self, spec: ImageSpec, draft: bool = True):
+    def __init__(self, spec: ImageSpec, draft: bool = False):
         self.spec = spec
         self.size = spec.image_size
         self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
         self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
         self.lut = normalize_lut(self.mean, self.std)
-        if draft and (cv2 is None or simplejpeg is None):
-            raise ImportError("decode_draft needs opencv-python-headless and simplejpeg (pip install -e .)")
         if spec.interpolation not in _RESAMPLE:
             raise ValueError(f"image interpolation '{spec.interpolation}' is not supported ({', '.join(_RESAMPLE)})")
         self.resample = _RESAMPLE[spec.interpolation]
-        self.draft = draft and spec.interpolation != "nearest"  # the fast path approximates bicubic/bilinear
+        self.draft = draft and spec.interpolation != "nearest"  # reduced decodes approximate bicubic/bilinear only
         self._fallback = None
         if spec.resize_mode != "shortest" or self.size[0] != self.size[1]:
             import open_clip  # the rare modes go through open_clip itself (torch), exact by construction
@@ -160,61 +152,39 @@ class ImageTransform:
             self._fallback = open_clip.image_transform(self.size, is_train=False, mean=spec.mean, std=spec.std,
                                                        resize_mode=spec.resize_mode, interpolation=spec.interpolation)
 
+    @property
+    def path(self) -> str:
+        """'exact' or 'fast': the decode path this transform takes (the fast one only for large JPEGs)."""
+        return "fast" if self.draft and self._fallback is None else "exact"
+
     def __call__(self, data: bytes, out: np.ndarray, flip: bool) -> None:
         """Fill `out` ([3, H, W] float32) from encoded image bytes; DropSample('bad_image') if they do not decode."""
         try:
-            decoded = self._fast_jpeg(data) if self.draft and self._fallback is None else None
-            if decoded is None:
-                img = Image.open(io.BytesIO(data))
-                if self._fallback is not None:
-                    pixels = self._fallback(img.convert("RGB")).numpy()
-                    out[...] = pixels[:, :, ::-1] if flip else pixels
-                    return
-                decoded = self._decode_pil(img) if self.draft else None
-            pixels = self._fast_resize_crop(*decoded) if decoded is not None else self._resize_crop(img)
+            img = Image.open(io.BytesIO(data))
+            if self._fallback is not None:
+                pixels = self._fallback(img.convert("RGB")).numpy()
+                out[...] = pixels[:, :, ::-1] if flip else pixels
+                return
+            pixels = self._resize_crop(img, self.draft)
         except _IMAGE_ERRORS as e:
             raise DropSample("bad_image", str(e)) from None
         lut_normalize_into(pixels[:, ::-1] if flip else pixels, out, self.lut)
 
-    def _fast_jpeg(self, data: bytes) -> tuple[np.ndarray, int, int] | None:
-        """A YCbCr or grayscale JPEG decoded by libjpeg-turbo at 1/k scale -> (pixels, full width, full height);
-        None for anything else, or whatever simplejpeg refuses (corrupt, truncated, or merely unusual: PIL then
-        decides, and raises if the image is bad)."""
-        if data[:3] != _JPEG_MAGIC:
-            return None
-        try:
-            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            if colorspace not in _SIMPLEJPEG_COLORSPACES or w < 1 or h < 1:
-                return None
-            Image._decompression_bomb_check((w, h))  # PIL's own limit, as Image.open would apply it
-            k = jpeg_scale(w, h, self.size[0])
-            return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // k), min_width=-(-w // k)), w, h
-        except ValueError:
-            return None
+    def _resize_crop(self, img: Image.Image, draft: bool = False) -> np.ndarray:
+        """Resize the shortest side to S (torchvision's rounding), center crop S x S -> uint8 [S, S, 3].
 
-    def _decode_pil(self, img: Image.Image) -> tuple[np.ndarray, int, int]:
-        """PIL decode for the fast path (JPEGs at the same 1/k DCT scale) -> (pixels, full width, full height)."""
+        Exact: PIL's resize of the decoded image, as open_clip. With `draft`, a large JPEG is first decoded at 1/k
+        scale (`jpeg_scale`) and the same resize maps the same region of that decode (box = the full image in
+        reduced coordinates), so only the decode differs."""
+        s = self.size[0]
         w, h = img.size
-        k = jpeg_scale(w, h, self.size[0]) if img.format in ("JPEG", "MPO") else 1
-        if k > 1:
-            img.draft("RGB", (w // k, h // k))
-        return np.asarray(img.convert("RGB") if img.mode != "RGB" else img), w, h
-
-    def _fast_resize_crop(self, arr: np.ndarray, w: int, h: int) -> np.ndarray:
-        """OpenCV resize of a (possibly reduced) decode of a w x h image to open_clip's geometry, center crop."""
-        global _cv2_threads_set
-        if not _cv2_threads_set:
-            cv2.setNumThreads(1)  # one thread per loader process (DataLoader workers are the parallelism)
-            _cv2_threads_set = True
-        s = self.size[0]
         new_w, new_h, top, left = crop_geometry(w, h, s)
-        while arr.shape[0] >= 2 * new_h and arr.shape[1] >= 2 * new_w:  # 2x2 averaging while >= 2x too large
-            arr = cv2.resize(arr, (arr.shape[1] // 2, arr.shape[0] // 2), interpolation=cv2.INTER_AREA)
-        return cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)[top:top + s, left:left + s]
-
-    def _resize_crop(self, img: Image.Image) -> np.ndarray:
-        """Exact: resize the shortest side to S (torchvision's rounding), center crop S x S -> uint8 [S, S, 3]."""
-        s = self.size[0]
-        new_w, new_h, top, left = crop_geometry(*img.size, s)
+        box = None
+        if draft and img.format in _JPEG_FORMATS:
+            k = jpeg_scale(w, h, s)
+            if k > 1:
+                drafted = img.draft(None, (w // k, h // k))  # -> (mode, the full image's box in the decode)
+                box = drafted[1] if drafted is not None and img.size != (w, h) else None
         img = img.convert("RGB") if img.mode != "RGB" else img  # (convert would copy an RGB image)
-        return np.asarray(img.resize((new_w, new_h), self.resample).crop((left, top, left + s, top + s)))
+        resized = img.resize((new_w, new_h), self.resample, box=box)
+        return np.asarray(resized.crop((left, top, left + s, top + s)))

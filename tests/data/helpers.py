@@ -118,7 +118,7 @@ def run_dataset(tmp_path: Path, members: list[tuple[str, bytes]], tokenizer, ste
     return batches, data.drop_counts()["d"]
 
 
-def transformed(image: bytes, flip: bool = False, draft: bool = True) -> np.ndarray:
+def transformed(image: bytes, flip: bool = False, draft: bool = False) -> np.ndarray:
     from of_ds.data.images import ImageTransform
 
     out = np.zeros((3, *IMAGE_SPEC.image_size), dtype=np.float32)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Step-speed measurements of the recipes on one GPU (issue 7), each variant its own `tools/bench_step` process.
+# Step-speed measurements of the recipes on one GPU, each variant its own `tools/bench_step` process.
 #   tools/gpu_bench.sh OUTDIR [VARIANT ...]      (default: every variant below, in order)
 # Writes OUTDIR/bench.jsonl (one JSON line per variant, with its name), OUTDIR/log.txt (stderr), and for 3b_z2 and
 # 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call of the step-speed plan (issue 7): install the carried wheels, record the versions, then run
+# One device call of the step-speed plan: install the carried wheels, record the versions, then run
 # tools/gpu_bench.sh inside the call's time.
 #   tools/gpu_session.sh OUTDIR [VARIANT ...]      (default: next)
 # On the device machine: carry [".whl"] (from ../shared/device/make-wheels.sh), command

@@ -1,5 +1,6 @@
 """Run under torchrun (2 ranks): rank 1 alone gets a NaN image at micro-step 2; every rank must skip that update.
-Writes OUT/rank{R}.json with the skip count, the per-step skipped flags and a checksum of the trainable weights."""
+Writes OUT/KIND-rank{R}.json (`:` as `-`) with the per-step skipped flags and a checksum of the trainable weights.
+KINDS: comma-separated, run one after another in this launch."""
 
 import json
 import sys
@@ -41,9 +42,10 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     batches, metrics = iter(data), Metrics(spec, rt, Path(out) / "run", 4)
     flags = [bool(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped) for _ in range(3)]
     checksum = sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()) if kind != "deepspeed" or engine.zero_stage < 3 else None
-    Path(out, f"rank{rt.rank}.json").write_text(json.dumps({"skipped": flags, "checksum": checksum}))
+    Path(out, f"{kind}{'-' + precision if precision else ''}-rank{rt.rank}.json").write_text(json.dumps({"skipped": flags, "checksum": checksum}))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    for kind in sys.argv[3].split(","):
+        main(sys.argv[1], sys.argv[2], kind)
     shutdown_process_group()

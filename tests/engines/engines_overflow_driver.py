@@ -7,7 +7,7 @@ rank must skip that update, whoever decides it:
 - MODE=z2fp32: ZeRO-2 fp32 (DeepSpeed decides on the host);
 - MODE=z0fp32, z0bf16: no ZeRO (of_ds reads the norm on the host, fp32; DeepSpeed's bf16 optimizer decides, bf16).
 Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums, gradient norm and learning rate
-after each step, how many steps Adam took."""
+after each step, how many steps Adam took. MODES: comma-separated, run one after another in this launch."""
 
 import json
 import sys
@@ -69,5 +69,6 @@ def main(tok_dir: str, out: str, mode: str) -> None:
     Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps(result))
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    for mode in sys.argv[3].split(","):
+        main(sys.argv[1], sys.argv[2], mode)
     shutdown_process_group()

@@ -6,7 +6,7 @@ calling sites, `file:function`, with counts.
 KIND is ENGINE:PRECISION[:mpt][:fused], e.g. deepspeed:bf16 (ZeRO-2) or ddp:bf16:mpt (the recipes' LM family;
 default: the stand-in's tiny llama); `fused` sets engine.fuse_datasets. On a CPU every tensor is a host tensor, so the sites that
 read the loader's host tensors on purpose (`num_images`, the attention-mask token count) are reported too; the test
-names them."""
+names them. KINDS: comma-separated, run one after another in this launch."""
 
 import collections
 import json
@@ -27,6 +27,9 @@ recording = [False]
 
 
 def instrument() -> None:
+    if getattr(torch.Tensor, "_of_ds_instrumented", False):
+        return
+    torch.Tensor._of_ds_instrumented = True
     for name in READS:
         original = getattr(torch.Tensor, name)
 
@@ -68,14 +71,17 @@ def main(tok_dir: str, out: str, kind: str) -> None:
         return forward(*args, **kwargs)
 
     engine.forward = counted_forward
+    sites.clear()
     instrument()
     run_dir = Path(out) / f"run-{kind.replace(':', '-')}"
     ck = CheckpointManager(run_dir / "ckpt", 1, 100, rt)
     state = train_loop(engine, StandInData(spec, tok, rank=rt.rank), spec, rt, ck, Metrics(spec, rt, run_dir, 4), TrainState(), 4)
     assert state.step == 4 and calls[0] == 4
+    recording[0] = False
     Path(out, f"{kind.replace(':', '-')}-rank{rt.rank}.json").write_text(json.dumps(dict(sites)))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    for kind in sys.argv[3].split(","):
+        main(sys.argv[1], sys.argv[2], kind)
     shutdown_process_group()

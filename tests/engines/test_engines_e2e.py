@@ -285,19 +285,34 @@ def test_bench_step_tiny_prints_one_json_line(workdir):
     assert fused["ops_per_step"] < 0.8 * separate["ops_per_step"], (fused["ops_per_step"], separate["ops_per_step"])
 
 
-@pytest.mark.parametrize("kind", ["deepspeed", "deepspeed:bf16", "ddp"])
-def test_nan_on_one_rank_skips_on_every_rank(tiny_tokenizer_dir, tmp_path, kind):
-    """Bug B6: a rank-local NaN must not desync ranks; both skip the same step and keep identical weights."""
-    import json
+def torchrun_driver(driver: str, tiny_tokenizer_dir: str, out: Path, modes) -> None:
+    """One 2-rank torchrun launch of tests/engines/DRIVER running every mode in turn."""
     import subprocess
 
     from engines_launch import BIN, REPO, env, free_port
 
-    driver = REPO / "tests" / "engines" / "engines_nan_driver.py"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver), tiny_tokenizer_dir, str(tmp_path), kind]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "engines" / driver), tiny_tokenizer_dir, str(out), ",".join(modes)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+NAN_KINDS = ["deepspeed", "deepspeed:bf16", "ddp"]
+
+
+@pytest.fixture(scope="module")
+def nan_runs(tiny_tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nan")
+    torchrun_driver("engines_nan_driver.py", tiny_tokenizer_dir, out, NAN_KINDS)
+    return out
+
+
+@pytest.mark.parametrize("kind", NAN_KINDS)
+def test_nan_on_one_rank_skips_on_every_rank(nan_runs, kind):
+    """Bug B6: a rank-local NaN must not desync ranks; both skip the same step and keep identical weights."""
+    import json
+
+    r0, r1 = (json.loads((nan_runs / f"{kind.replace(':', '-')}-rank{r}.json").read_text()) for r in (0, 1))
     assert r0["skipped"] == r1["skipped"] == [False, True, False]
     assert r0["checksum"] == r1["checksum"]
 
@@ -308,16 +323,9 @@ def test_a_nan_gradient_is_skipped_on_every_path(tiny_tokenizer_dir, tmp_path):
     ZeRO-0 (of_ds reads the norm). A NaN gradient from a finite loss on one rank must skip that step on both ranks,
     on every path: no weight and no Adam step count changes, and the learning-rate schedule moves on alike."""
     import json
-    import subprocess
 
-    from engines_launch import BIN, REPO, env, free_port
-
-    driver = REPO / "tests" / "engines" / "engines_overflow_driver.py"
     modes = ("device", "dropped", "kept", "z2fp32", "z0fp32", "z0bf16")
-    for mode in modes:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver), tiny_tokenizer_dir, str(tmp_path), mode]
-        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, (mode, proc.stderr[-4000:])
+    torchrun_driver("engines_overflow_driver.py", tiny_tokenizer_dir, tmp_path, modes)
     runs = {(m, r): json.loads((tmp_path / f"{m}-rank{r}.json").read_text()) for m in modes for r in (0, 1)}
     assert runs["device", 0]["path"] == {"device_skip": True, "sync_free_clip": True, "scan_dropped": False, "foreach_norm": True}
     assert runs["dropped", 0]["path"] == {"device_skip": False, "sync_free_clip": False, "scan_dropped": True, "foreach_norm": True}
@@ -349,22 +357,25 @@ FUSED_HOST_READS = {"packing.py:_image_slots:nonzero", "packing.py:_image_slots:
 SDPA_MASK_READ = "masking_utils.py:_ignore_causal_mask_sdpa:__bool__"
 
 
-@pytest.mark.parametrize("kind", ["deepspeed:bf16:mpt", "ddp:bf16:mpt", "ddp:fp32:mpt", "deepspeed:bf16", "deepspeed:bf16:mpt:fused", "deepspeed:bf16:fused"])
-def test_a_training_step_makes_no_host_sync(tiny_tokenizer_dir, tmp_path, kind):
-    """Issue 7: no per-step host-device sync outside log and checkpoint steps. Every tensor read a GPU would wait
+SYNC_KINDS = ["deepspeed:bf16:mpt", "ddp:bf16:mpt", "ddp:fp32:mpt", "deepspeed:bf16", "deepspeed:bf16:mpt:fused", "deepspeed:bf16:fused"]
+
+
+@pytest.fixture(scope="module")
+def sync_runs(tiny_tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sync")
+    torchrun_driver("engines_sync_driver.py", tiny_tokenizer_dir, out, SYNC_KINDS)
+    return out
+
+
+@pytest.mark.parametrize("kind", SYNC_KINDS)
+def test_a_training_step_makes_no_host_sync(sync_runs, kind):
+    """No per-step host-device sync outside log and checkpoint steps. Every tensor read a GPU would wait
     for (item, bool, float, ... on a tensor) during a plain step of train_loop, 2 ranks, is recorded by call site;
     only the reads of host-side loader tensors may remain (and, with a llama-family LM, transformers' mask read)."""
     import json
-    import subprocess
 
-    from engines_launch import BIN, REPO, env, free_port
-
-    driver = REPO / "tests" / "engines" / "engines_sync_driver.py"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver), tiny_tokenizer_dir, str(tmp_path), kind]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
-        sites = json.loads((tmp_path / f"{kind.replace(':', '-')}-rank{rank}.json").read_text())
+        sites = json.loads((sync_runs / f"{kind.replace(':', '-')}-rank{rank}.json").read_text())
         if kind.endswith(":fused"):  # one pass: the LM gets a 4D mask, so transformers' SDPA mask read goes too
             assert set(sites) <= FUSED_HOST_READS, sites
             assert sites.get("packing.py:_image_slots:nonzero", 0) == 2  # one per dataset: the recording did run

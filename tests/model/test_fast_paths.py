@@ -1,4 +1,4 @@
-"""The step-speed paths (issue 7) against the plain ones: the per-part step breakdown, torch.compile of each part,
+"""The step-speed paths against the plain ones: the per-part step breakdown, torch.compile of each part,
 DDP with frozen weights stored in bf16."""
 
 from __future__ import annotations

@@ -43,8 +43,12 @@ $(REFERENCE)/.installed: | $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed $(ORIGINAL)/.installed $(REFERENCE)/.installed
 
+# The rendezvous port of the demo's ranks: MASTER_PORT from the environment or the command line, else a free one
+# (a fixed port fails with EADDRINUSE while another job on the machine holds it)
+MASTER_PORT ?= $(shell $(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
 demo: $(VENV)/.installed
-	PATH=$(abspath $(BIN)):$$PATH $(DS_ENV) $(BIN)/deepspeed --num_gpus $(NUM_GPUS) launch/train.py \
+	PATH=$(abspath $(BIN)):$$PATH $(DS_ENV) $(BIN)/deepspeed --num_gpus $(NUM_GPUS) --master_port $(MASTER_PORT) launch/train.py \
 	  --deepspeed_config ds_configs/zero2.json --spec launch/specs/demo.yaml $(ARGS)
 
 test: install-test

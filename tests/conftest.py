@@ -32,6 +32,38 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return str(train_bpe_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400))
 
 
+@pytest.fixture(scope="session")
+def shared_demo_data(tmp_path_factory):
+    """The demo dataset, generated once for the whole session (it pretrains two tiny models: minutes), with the
+    generation's one promise about randomness recorded: -> (path, whether the caller's random states were left
+    alone). Tests that need it in their own folder take `link_demo_data`."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from of_ds.demo import ensure_demo_data
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    want = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    path = ensure_demo_data(tmp_path_factory.mktemp("shared_demo") / "demo_data")
+    untouched = (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    return path, untouched
+
+
+@pytest.fixture(scope="session")
+def link_demo_data(shared_demo_data):
+    """-> link(dest): a copy of the session's demo dataset at `dest` made of hard links (the runs only read it)."""
+    import shutil
+
+    def link(dest):
+        shutil.copytree(shared_demo_data[0], dest, copy_function=os.link)
+        return dest
+
+    return link
+
+
 SHM = "/dev/shm"
 DS_SHM_PREFIX = "deepspeed_allreduce_buffer_"
 

@@ -32,12 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "(JPEG at 1/8 scale, ~5x slower); none: trust the files")
     p.add_argument("--chatgpt", action="store_true",
                    help="Inputs are ChatGPT sequences (example + image_map); images are IMAGE_DIR/<sha256(url) hex>[.ext]")
+    p.add_argument("--max-skipped-share", type=float, default=0.9, metavar="F",
+                   help="Exit 1 (the shards and report written) when more than this share of the documents read was "
+                   "skipped (default 0.9; 1 never); no image found at all is always exit 1")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
 
+def report_problems(report: dict, max_skipped_share: float) -> list[str]:
+    """What makes a finished conversion a failure: no image found at all, or too many documents skipped."""
+    problems = []
+    if report.get("images_referenced", 0) > 0 and report.get("images_found", 0) == 0:
+        problems.append(f"no image found: 0 of {report['images_referenced']} images referenced by the documents are "
+                        "under --image-dir (check the path and --image-layout)")
+    read = report.get("documents_read", 0)
+    skipped = sum((report.get("documents_skipped") or {}).values())
+    if read and skipped / read > max_skipped_share:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted((report.get("documents_skipped") or {}).items(), key=lambda kv: -kv[1]))
+        problems.append(f"{skipped} of {read} documents skipped ({100 * skipped / read:.0f}% > --max-skipped-share "
+                        f"{max_skipped_share:g}): {reasons}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not 0.0 <= a.max_skipped_share <= 1.0:
+        parser.error("--max-skipped-share: a share between 0 and 1")
     opts = ConvertOptions(
         inputs=a.zip_files, image_dir=a.image_dir, output_dir=a.output_dir, format=a.format, chatgpt=a.chatgpt,
         docs_per_shard=a.docs_per_shard, resize_max_side=a.resize_max_side, min_image_bytes=a.min_image_bytes,
@@ -52,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert_mmc4: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1))
-    return 0
+    problems = report_problems(report, a.max_skipped_share)
+    for problem in problems:
+        print(f"convert_mmc4: error: {problem} (report: {a.output_dir}/convert_report.json)", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Load a `ds_configs/*.json` file and fill its `"auto"` values from the run spec.
 
-The spec is the source of truth for batch sizes, accumulation, clipping and precision. The ZeRO stage and offload
-devices may come from either side: a value written in the file wins over a spec default, a value the user set in
-the spec wins over `"auto"` in the file, and two explicit values that disagree are an error naming both.
+The spec is the source of truth for batch sizes, accumulation and clipping. ZeRO stage, offload devices and
+precision have one owner each: a value written in the file wins over the spec's default, a value the user set in
+the spec (its YAML or `--set`) fills `"auto"` in the file, and two explicit values that disagree are an error naming
+both. The shipped recipe specs leave the stage and offload unset, so any `ds_configs/*.json` decides them;
+`resolved_engine_line` says what was decided.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def resolve_deepspeed_config(spec: RunSpec, world_size: int, config: dict | None
     precision = eng.precision
     if cfg_precision and cfg_precision != precision:
         if _explicit(eng, "precision"):
-            r.problems.append(f"{source}: asks for {cfg_precision} but the spec's engine.precision is {precision!r}")
+            r.problems.append(f"{source}: asks for {cfg_precision} but the spec's engine.precision is {precision!r} "
+                              f"(set in the spec or by --set); drop one of them")
         else:
             precision = engine_update["precision"] = cfg_precision
     _precision_blocks(cfg, precision, r, explicit=True)
@@ -116,7 +119,8 @@ def resolve_deepspeed_config(spec: RunSpec, world_size: int, config: dict | None
         zero["stage"] = eng.zero_stage
     elif stage != eng.zero_stage:
         if _explicit(eng, "zero_stage"):
-            r.problems.append(f"{source}: zero_optimization.stage is {stage} but the spec's engine.zero_stage is {eng.zero_stage}")
+            r.problems.append(f"{source}: zero_optimization.stage is {stage} but the spec's engine.zero_stage is {eng.zero_stage} "
+                              f"(set in the spec or by --set); drop engine.zero_stage for the file's stage to apply")
         else:
             engine_update["zero_stage"] = stage
     for kind in ("optimizer", "param"):
@@ -131,7 +135,8 @@ def resolve_deepspeed_config(spec: RunSpec, world_size: int, config: dict | None
                 zero[field] = {**node, "device": "none"}
         elif cfg_dev != spec_dev:
             if _explicit(eng, field):
-                r.problems.append(f"{source}: zero_optimization.{field}.device is {cfg_dev!r} but the spec's engine.{field} is {spec_dev!r}")
+                r.problems.append(f"{source}: zero_optimization.{field}.device is {cfg_dev!r} but the spec's engine.{field} is "
+                                  f"{spec_dev!r} (set in the spec or by --set); drop engine.{field} for the file's to apply")
             else:
                 engine_update[field] = cfg_dev
                 if cfg_dev == "nvme" and eng.nvme_path is None and node.get("nvme_path"):
@@ -153,6 +158,15 @@ def resolve_deepspeed_config(spec: RunSpec, world_size: int, config: dict | None
         data["engine"]["deepspeed_config"] = spec.engine.deepspeed_config
         resolved = RunSpec.from_dict(data, source=source)
     return cfg, resolved
+
+
+def resolved_engine_line(spec: RunSpec) -> str:
+    """One line: the ZeRO stage, offload and precision the run uses, and where they came from."""
+    e = spec.engine
+    source = (f"from {e.deepspeed_config} where it writes a value, else from the spec" if e.deepspeed_config
+              else "from the spec; no --deepspeed_config")
+    return (f"[of_ds] DeepSpeed ZeRO-{e.zero_stage}, offload optimizer: {e.offload_optimizer}, parameters: "
+            f"{e.offload_param}, precision {e.precision} ({source})")
 
 
 def zero_stage(cfg: dict) -> int:

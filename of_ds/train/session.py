@@ -30,11 +30,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", "--deepspeed-config", help="ds_configs/*.json; sets engine.kind=deepspeed")
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the resolved spec, configs, parameter counts, memory plan; exit")
     p.add_argument("--gpu-memory", "--gpu_memory", default=None, help="per-GPU memory for the dry-run recommendation (e.g. 24GiB)")
+    p.add_argument("--world-size", "--world_size", type=int, default=None, metavar="N",
+                   help="dry run: plan for N GPUs in all (default: WORLD_SIZE from the environment, else 1)")
+    p.add_argument("--nodes", type=int, default=1, metavar="M", help="dry run: the N GPUs are on M nodes (for the printed command)")
+    p.add_argument("--no-preflight", "--no_preflight", dest="preflight", action="store_false",
+                   help="dry run only: plan without checking the spec's paths (a template whose data is not there yet)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not args.dry_run and (args.world_size is not None or args.nodes != 1 or not args.preflight):
+        p.error("--world-size, --nodes and --no-preflight are for --dry-run (a launched run takes its ranks from the launcher)")
+    if args.world_size is not None and args.world_size < 1:
+        p.error("--world-size: must be at least 1")
+    if args.nodes < 1:
+        p.error("--nodes: must be at least 1")
     return args
+
+
+def world_size_of(args: argparse.Namespace) -> int:
+    """Ranks to plan and resolve for: --world-size (dry run), else the launcher's WORLD_SIZE, else 1."""
+    import os
+
+    return args.world_size if getattr(args, "world_size", None) else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def load_spec(args: argparse.Namespace) -> RunSpec:
@@ -223,8 +241,11 @@ def resume(engine, data, checkpoints: CheckpointManager, path: Optional[Path], s
     return state
 
 
-def dry_run_report(spec: RunSpec, ds_config: Optional[dict], world_size: int, gpu_memory: Optional[str]) -> str:
-    """Resolved spec and DeepSpeed config, parameter counts, memory plan and recommendation (meta model: no weights)."""
+def dry_run_report(spec: RunSpec, ds_config: Optional[dict], world_size: int, gpu_memory: Optional[str],
+                   args: Optional[argparse.Namespace] = None, explicit: frozenset = frozenset()) -> str:
+    """Resolved spec and DeepSpeed config, parameter counts, memory plan and recommendation (meta model: no weights).
+    With `args` (the command line) the recommendation is printed as a command to run; `explicit`: the engine fields
+    the spec or --set gave (before the DeepSpeed config was resolved)."""
     from ..engines.memory import estimate, format_table, model_dims, parse_size, recommend
     from ..model import build_flamingo
 
@@ -243,8 +264,46 @@ def dry_run_report(spec: RunSpec, ds_config: Optional[dict], world_size: int, gp
     ]
     if gpu_memory:
         rec = recommend(dims, spec, world_size, parse_size(gpu_memory))
-        lines += ["# all plans", format_table(rec.considered), "# " + rec.describe()]
+        lines += [f"# all plans, {world_size} rank(s)", format_table(rec.considered), "# " + rec.describe()]
+        if world_size == 1:
+            lines.append("# (one rank: ZeRO has nothing to shard across, so the stages differ only by their communication "
+                         "buckets; --world-size N plans for N GPUs)")
+        if rec.fits is not None and args is not None:
+            lines.append("# run: " + recommended_command(rec.fits, args, spec, explicit, world_size))
     return "\n".join(lines)
+
+
+_PLAN_FIELDS = ("zero_stage", "offload_optimizer", "offload_param")
+_SHIPPED = {(0, "none", "none"): "zero0", (1, "none", "none"): "zero1", (2, "none", "none"): "zero2",
+            (3, "none", "none"): "zero3", (2, "cpu", "none"): "zero2_offload", (3, "cpu", "cpu"): "zero3_offload"}
+
+
+def recommended_command(plan, args: argparse.Namespace, spec: RunSpec, explicit: frozenset, world_size: int) -> str:
+    """The launch command for `plan` (a MemoryEstimate): this command line's spec and --set overrides, the shipped
+    ds_configs file of the plan's stage and offload (else zero<stage>.json and --set for the offload), and a --set
+    for each stage/offload field the spec itself sets (so that it agrees with the file)."""
+    import shlex
+
+    key = (plan.zero_stage, plan.offload_optimizer, plan.offload_param)
+    config = _SHIPPED.get(key) or f"zero{plan.zero_stage}"
+    engine_keys = {f"engine.{f}" for f in (*_PLAN_FIELDS, "kind", "deepspeed_config")}
+    sets = [o for o in args.overrides if o.split("=", 1)[0].strip() not in engine_keys]
+    for f, value in zip(_PLAN_FIELDS, key):
+        if f in explicit or (key not in _SHIPPED and f != "zero_stage" and value != "none"):
+            sets.append(f"engine.{f}={value}")
+    from ..spec import EngineSpec
+
+    if "precision" not in explicit and spec.engine.precision != EngineSpec.model_fields["precision"].default:
+        sets.append(f"engine.precision={spec.engine.precision}")  # the precision a custom config decided
+    if plan.activation_checkpointing and not spec.engine.activation_checkpointing:
+        sets.append("engine.activation_checkpointing=true")
+    nodes = args.nodes
+    launcher = ["deepspeed"] + (["--hostfile", "launch/hostfile", "--num_nodes", str(nodes)] if nodes > 1 else [])
+    launcher += ["--num_gpus", str(world_size // nodes)]
+    words = launcher + ["launch/train.py", "--deepspeed_config", f"ds_configs/{config}.json", "--spec", args.spec]
+    for o in sets:
+        words += ["--set", o]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def summary(spec: RunSpec, run_dir: Path, checkpoints: CheckpointManager, state: TrainState) -> str:
@@ -270,17 +329,24 @@ def seed_everything(seed: int) -> None:
 
 
 def dry_run_main(spec: RunSpec, args: argparse.Namespace) -> int:
-    """`--dry-run`: no process group, no weights, no data reads beyond the demo tokenizer."""
+    """`--dry-run`: no process group, no weights, no data reads beyond the demo tokenizer. The caller ran the
+    preflight (unless --no-preflight)."""
     import os
 
-    from ..engines.deepspeed_config import resolve_deepspeed_config
+    from ..engines.deepspeed_config import resolve_deepspeed_config, resolved_engine_line
+    from ..spec import SpecError
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_of(args)
+    if world % args.nodes:
+        raise SpecError([f"--nodes: {args.nodes} node(s) do not divide the world size {world} (--world-size)"])
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    explicit = frozenset(spec.engine.model_fields_set)
     ds_config = None
     if spec.engine.kind == "deepspeed":
         ds_config, spec = resolve_deepspeed_config(spec, world)
     maybe_make_demo_data(spec)
-    print(dry_run_report(spec, ds_config, world, args.gpu_memory), flush=True)
+    print(dry_run_report(spec, ds_config, world, args.gpu_memory, args, explicit), flush=True)
+    if spec.engine.kind == "deepspeed":
+        print(resolved_engine_line(spec), flush=True)
     return 0

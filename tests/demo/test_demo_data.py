@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from of_ds.demo import ensure_demo_data
-
 REPO = Path(__file__).resolve().parents[2]
 TIMING = ("seconds", "images_per_second", "shard_cpu_seconds")
 
@@ -34,19 +32,11 @@ def digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    want = random.random(), np.random.rand(), torch.rand(1).item()
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    path = ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo_data")
+def demo(shared_demo_data) -> Path:
+    path, random_states_untouched = shared_demo_data
     # generating leaves the caller's random states alone: a first training run on demo data inits its model as
     # any later run does (launch/train.py builds the model right after generating)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    assert random_states_untouched
     return path
 
 

@@ -59,3 +59,38 @@ def launch(cwd: Path, how: str, name: str, sets: list[str] = (), ds_config: str 
 def losses(cwd: Path, name: str) -> dict[int, dict]:
     rows = [json.loads(l) for l in (cwd / "runs" / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return {r["step"]: r for r in rows}
+
+
+def job(name: str, sets: list[str] = (), ds_config: str | None = None, *, copy: tuple[Path, Path] | None = None,
+        expect_error: bool = False) -> dict:
+    """One run for `launch_runs`: the argv `launch` would give launch/train.py (demo spec, FAST, the run's name)."""
+    argv = ["--spec", str(DEMO_SPEC)]
+    if ds_config:
+        argv += ["--deepspeed_config", str(REPO / "ds_configs" / ds_config)]
+    for s in [*FAST, f"run.name={name}", "engine.heartbeat_timeout_s=0", *sets]:
+        argv += ["--set", s]
+    out = {"name": name, "argv": argv, "expect_error": expect_error}
+    if copy:
+        out["copy"] = [str(p) for p in copy]
+    return out
+
+
+def launch_runs(cwd: Path, jobs: list[dict], nproc: int = 2, timeout: int = 1800) -> dict[str, dict]:
+    """Every job in one deepspeed launch of tests/engines/runs_driver.py (one process group, start-up paid once).
+    -> name -> {"out": its printed output, "err": its error message or None}."""
+    out_dir = cwd / f"runs_out_{free_port()}"
+    out_dir.mkdir()
+    (out_dir / "jobs.json").write_text(json.dumps(jobs))
+    driver = REPO / "tests" / "engines" / "runs_driver.py"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(driver),
+           str(out_dir / "jobs.json"), str(out_dir)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not (out_dir / "DONE").is_file():
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    results = {}
+    for j in jobs:
+        err = out_dir / f"{j['name']}.err"
+        results[j["name"]] = {"out": (out_dir / f"{j['name']}.out").read_text(), "err": err.read_text() if err.is_file() else None}
+        if j["expect_error"] and results[j["name"]]["err"] is None:
+            raise AssertionError(f"{j['name']}: expected an error, the run succeeded")
+    return results

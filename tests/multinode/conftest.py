@@ -97,9 +97,10 @@ def _ssh_config_block(port: int, key: Path, known_hosts: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory) -> Path:
-    """Where the demo dataset is generated (by the first run that needs it) and shared by every run of the session."""
-    return tmp_path_factory.mktemp("demo") / "demo_data"
+def demo_data_dir(tmp_path_factory, link_demo_data) -> Path:
+    """The session's demo dataset, for every run of these tests (generating it inside a launch, on rank 0 while the
+    others wait, is what the README's `make demo` test runs)."""
+    return link_demo_data(tmp_path_factory.mktemp("demo") / "demo_data")
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ class Runtime:
     world_size: int
     device: torch.device
     backend: str
-    # set by the multi-node watchdog (of_ds/engines/watchdog.py); the loop calls heartbeat() once per step
+    # set by the multi-node watchdog (of_ds/watchdog.py); the loop calls heartbeat() once per step
     heartbeat_fn: Optional[Callable[[int], None]] = None
 
     @property
@@ -124,3 +124,14 @@ def build_runtime(engine: EngineSpec, *, init_process_group: bool = True, timeou
             kwargs = {"timeout": timeout} if timeout else {}
             dist.init_process_group(backend=backend, init_method=engine.dist_url, rank=rank, world_size=world, **kwargs)
     return Runtime(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+
+
+def seed_everything(seed: int) -> None:
+    """The same model init on every rank (ZeRO-3 and DDP expect identical starting weights)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -5,18 +5,18 @@
 # 3b_z2_fused OUTDIR/ops_<variant>.txt (torch.profiler operators of one step), for 3b_z2_host OUTDIR/host_3b_z2.txt
 # (cProfile). `traffic` times no step: the --traffic count of 3B and 9B, each matmul shape timed on the GPU.
 # A failed variant writes {"name", "failed": true} (with "timed_out": true and "limit_s" where it ran out of time).
-# BUDGET_S=N: this run may take N seconds (a device call's limit, less the install): each variant's time limit is cut
+# BUDGET_S=N: this run may take N seconds (the plan's time, less the install): each variant's time limit is cut
 # to what is left, and a variant that would get less than MIN_VARIANT_S (default 45) writes {"name", "skipped":
-# "budget", "left_s"} instead of starting. Variant `next` is the next GPU session's plan, most informative first (see
+# "budget", "left_s"} instead of starting. Variant `next` is the next GPU run's plan, most informative first (see
 # docs/performance.md, "Next measurements").
 # On a CPU (smoke test of this script) set TINY=1: tiny models, 1 step. 3b_loop (launch/train.py at the 3B sizes on
-# the demo shards, 40 steps: data wait and the loop's own overhead) needs demo_data/{laion,mmc4,tokenizer} carried.
+# the demo shards, 40 steps: data wait and the loop's own overhead) needs demo_data/{laion,mmc4,tokenizer} on the machine.
 set -uo pipefail
 out=${1:?usage: tools/gpu_bench.sh OUTDIR [VARIANT ...]}
 shift
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-STDOUT=$(mktemp)  # one variant's stdout, outside OUTDIR (whose files a device call brings back)
+STDOUT=$(mktemp)  # one variant's stdout, outside OUTDIR (which holds only the results)
 trap 'rm -f "$STDOUT"' EXIT
 cd "$(dirname "$0")/.."
 S3=launch/specs/openflamingo-3b.yaml
@@ -67,7 +67,7 @@ bench() {  # NAME LIMIT_S SPEC [bench_step args...]; returns 1 if it failed, 2 i
   failed "$name" "$rc" "$limit"
 }
 
-loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo shards (carry demo_data/{laion,mmc4,tokenizer})
+loop() {  # NAME LIMIT_S SPEC: launch/train.py at the recipe's sizes on the demo shards (demo_data/{laion,mmc4,tokenizer})
   local name=$1 limit spec=$3 run=/tmp/of_ds_loop
   limit=$(time_limit "$1" "$2") || return 2
   local -a sets=(
@@ -119,7 +119,7 @@ run_variant() {
     traffic) # bytes/FLOPs counted on the meta device, every matmul shape timed on the GPU under cuBLAS and cuBLASLt
       bench traffic_3b 90 $S3 --traffic --time-gemms --set engine.fuse_datasets=true
       bench traffic_9b 90 $S9 --traffic --time-gemms --set engine.fuse_datasets=true ;;
-    next) # the next GPU session's plan, most informative first (about 8 minutes, then 9b_z3_ac as the budget allows)
+    next) # the next GPU run's plan, most informative first (about 8 minutes, then 9b_z3_ac as the budget allows)
       for v in 3b_z2_fused traffic 3b_z2_fused_cublaslt 3b_z2_fused_compile 3b_z2 9b_z2_fused 3b_ddp 9b_z3_ac; do run_variant $v; done ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# One device call of the step-speed plan: install the carried wheels, record the versions, then run
-# tools/gpu_bench.sh inside the call's time.
+# The step-speed plan as one run of at most 10 minutes on one GPU: install the wheels in .whl/ where packages are
+# missing, record the versions, then run tools/gpu_bench.sh within the time left (docs/performance.md, "Next measurements").
 #   tools/gpu_session.sh OUTDIR [VARIANT ...]      (default: next)
-# On the device machine: carry [".whl"] (from ../shared/device/make-wheels.sh), command
-#   bash tools/gpu_session.sh $OUT, timeout_s 600. BUDGET_S (default 540, counted from this script's start; 0: none) is
-# what gpu_bench.sh may use: it cuts or skips variants so that the call returns with every line written.
+# BUDGET_S (default 540, counted from this script's start; 0: none) is what gpu_bench.sh may use: it cuts or skips
+# variants so that the run ends with every line written.
 set -uo pipefail
 out=${1:?usage: tools/gpu_session.sh OUTDIR [VARIANT ...]}
 shift
@@ -19,7 +18,7 @@ if ! python3 -c "import deepspeed, open_clip, webdataset, pydantic" 2>/dev/null 
   fi
   export PYTHONPATH=/tmp/site:$PWD
 fi
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1  # the machine's 9.0a is more than DeepSpeed's op builder parses
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1  # an H100/H200's 9.0a is more than DeepSpeed's op builder parses
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
   python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1

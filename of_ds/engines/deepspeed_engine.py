@@ -9,17 +9,19 @@ import torch
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from ..train.checkpoint import NVME_STATE
-from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
+from .optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
 from .deepspeed_config import zero_stage
 from .deepspeed_patches import (
+    NVME_STATE,
+    applied,
     drop_redundant_overflow_scan,
     install_foreach_grad_norm,
     install_sync_free_clip,
     load_with_nvme_optimizer_state,
     save_swapped_fp32_weights,
     sync_free_ds_config,
+    why_not_patched,
 )
 from .device_skip import found_inf, guard_step, supports_device_skip
 
@@ -64,6 +66,10 @@ class DeepSpeedEngine:
         self.sync_free_clip = self.device_skip and install_sync_free_clip(self.optimizer)
         self.overflow_scan_dropped = drop_redundant_overflow_scan(self.optimizer)
         self.foreach_grad_norm = not offload and install_foreach_grad_norm(self.optimizer)
+        nvme = bool(getattr(self.optimizer, "swap_optimizer", False)) and why_not_patched() is None
+        # what of_ds changed inside DeepSpeed for this run (checkpoint meta.json: "deepspeed_patches")
+        self.applied_patches = applied([("overflow_scan", self.overflow_scan_dropped), ("sync_free_clip", self.sync_free_clip),
+                                        ("foreach_grad_norm", self.foreach_grad_norm), ("nvme_optimizer_state", nvme)])
         self.grad_accum_steps = self.engine.gradient_accumulation_steps()
         self.input_dtype = _INPUT_DTYPE.get(spec.engine.precision)
         self.device = runtime.device

@@ -1,17 +1,108 @@
-"""What of_ds changes inside DeepSpeed, each guarded by a check that DeepSpeed still has the attributes it relies on
-(DeepSpeed 0.19), and each tested against it (`tests/engines/test_engines_e2e.py`): in the ZeRO-1/2 optimizer, host
-syncs and per-tensor work that a step does not need (any miss leaves DeepSpeed's own behaviour); in ZeRO-3 with the
-optimizer on NVMe, the state a resume loses (a miss is an error)."""
+"""What of_ds changes inside DeepSpeed, written for and tested against DeepSpeed 0.19.x
+(`tests/engines/test_engines_e2e.py`, `tests/engines/test_deepspeed_patches.py`):
+- in the ZeRO-1/2 optimizer, host syncs and per-tensor work that a step does not need (`overflow_scan`,
+  `sync_free_clip`, `foreach_grad_norm`); without them DeepSpeed's own step runs, slower and the same;
+- in ZeRO-3 with the optimizer on NVMe, the state a resume loses (`nvme_optimizer_state`); without it such a resume
+  is refused.
+
+Each patch is gated: it applies only on the DeepSpeed versions in `SUPPORTED`, only while `OF_DS_DEEPSPEED_PATCHES`
+is not `0` (the off switch: DeepSpeed unpatched), and only after every DeepSpeed attribute it touches has been found
+(`require`: a missing one is an error that names it, never a silent partial patch). The engine records the patches
+it applied (`DeepSpeedEngine.applied_patches`) in each checkpoint's `meta.json`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, Optional, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+NVME_STATE = "offloaded_tensors"  # in a step folder: DeepSpeed's copy of the swap files of an optimizer on NVMe
+
+SUPPORTED = ("0.19",)  # DeepSpeed major.minor versions the patches were written for
+OFF_SWITCH = "OF_DS_DEEPSPEED_PATCHES"  # "0": apply none of them
+
+# patch -> the DeepSpeed attributes it reads, calls or replaces (of the ZeRO optimizer; "engine." of DeepSpeed's engine)
+NEEDS: dict[str, tuple[str, ...]] = {
+    "overflow_scan": ("check_overflow", "check_grad_overflow", "compute_grad_norm", "cpu_offload", "dtype"),
+    "sync_free_clip": ("unscale_and_clip_grads", "clip_grad", "loss_scale", "check_grad_overflow"),
+    "foreach_grad_norm": ("get_grad_norm_direct", "dp_process_group", "model_parallel_group", "model_parallel_rank", "device"),
+    "nvme_optimizer_state": (
+        "loss_scaler", "dynamic_loss_scale", "overflow", "optimizer", "fp32_partitioned_groups_flat",
+        "_swappable_optimizer_subgroup", "_set_fp32_optimizer_param_groups", "_clear_fp32_optimizer_param_groups",
+        "_optimizer_states_and_gradient_swap_in", "_optimizer_states_and_gradient_swap_out", "_release_swap_buffers",
+        "_reassign_or_swap_out_partitioned_parameters", "_partition_all_parameters", "checkpoint_event_epilogue",
+        "engine._get_zero_ckpt_name",
+    ),
+}
+
+
+class DeepSpeedPatchError(RuntimeError):
+    """DeepSpeed lacks what a patch relies on, or a resume needs a patch that is off."""
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return str(deepspeed.__version__)
+
+
+def version_supported(version: str) -> bool:
+    """Whether `version` (e.g. `0.19.3`, `0.19.3+abc`) is one of the `SUPPORTED` major.minor series."""
+    parts = version.split("+", 1)[0].split(".")
+    return ".".join(parts[:2]) in SUPPORTED
+
+
+def patches_enabled() -> bool:
+    return os.environ.get(OFF_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def why_not_patched() -> Optional[str]:
+    """None where the patches may apply, else why not (the off switch, or a DeepSpeed they were not written for)."""
+    if not patches_enabled():
+        return f"{OFF_SWITCH}={os.environ.get(OFF_SWITCH)}"
+    version = deepspeed_version()
+    if not version_supported(version):
+        return f"DeepSpeed {version} (the patches were written for {', '.join(s + '.x' for s in SUPPORTED)})"
+    return None
+
+
+def missing_attributes(patch: str, optimizer, engine=None) -> list[str]:
+    """The attributes of `NEEDS[patch]` that `optimizer` (and `engine`, for "engine." ones) lack."""
+    missing = []
+    for name in NEEDS[patch]:
+        owner, attr = (engine, name[len("engine."):]) if name.startswith("engine.") else (optimizer, name)
+        if owner is None or not hasattr(owner, attr):
+            missing.append(name)
+    return missing
+
+
+def require(patch: str, optimizer, engine=None) -> None:
+    """Raise DeepSpeedPatchError naming every attribute `patch` relies on that this DeepSpeed lacks."""
+    missing = missing_attributes(patch, optimizer, engine)
+    if missing:
+        raise DeepSpeedPatchError(
+            f"of_ds's DeepSpeed patch '{patch}' relies on {', '.join(missing)} ({type(optimizer).__name__}), which "
+            f"DeepSpeed {deepspeed_version()} lacks; run with {OFF_SWITCH}=0 for "
+            f"DeepSpeed's own behaviour, or use DeepSpeed {', '.join(s + '.x' for s in SUPPORTED)}"
+        )
+
+
+def applies(patch: str, optimizer, target: str, engine=None) -> bool:
+    """The gate of one patch: `optimizer` is DeepSpeed's `target` class, the patches are on and written for this
+    DeepSpeed; then every attribute the patch touches must be there (else DeepSpeedPatchError)."""
+    if type(optimizer).__name__ != target or why_not_patched() is not None:
+        return False
+    require(patch, optimizer, engine)
+    return True
+
+
+def applied(patches: Iterable[tuple[str, bool]]) -> list[str]:
+    """The names of the (patch, applied) pairs that applied, for `meta.json`."""
+    return [name for name, on in patches if on]
 
 
 def drop_redundant_overflow_scan(optimizer) -> bool:
@@ -20,11 +111,8 @@ def drop_redundant_overflow_scan(optimizer) -> bool:
     (`DeepSpeedZeroOptimizer.step`). A gradient holds inf/NaN exactly when that norm is non-finite, so where the norm
     is computed the scan only costs time: with the 3B recipe's 335 trainable tensors, most of the optimizer step's
     host time on a GPU. Drop it there (not with CPU offload, whose check is already cheap). Returns whether it did."""
-    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer":
+    if not applies("overflow_scan", optimizer, "DeepSpeedZeroOptimizer"):
         return False
-    needed = ("check_overflow", "check_grad_overflow", "compute_grad_norm", "cpu_offload", "dtype")
-    if not all(hasattr(optimizer, a) for a in needed):
-        return False  # a DeepSpeed whose step we do not know: leave it alone
     if optimizer.dtype != torch.bfloat16 or optimizer.cpu_offload or not optimizer.compute_grad_norm or not optimizer.check_grad_overflow:
         return False
     optimizer.check_overflow = lambda partition_gradients=True: None  # the instance attribute shadows the method
@@ -58,8 +146,7 @@ def install_sync_free_clip(zero_optimizer) -> bool:
     Clip with tensor ops instead: an invalid norm (inf/NaN, or DeepSpeed's -1) scales the gradients by 0, and the
     fused optimizer skips that step anyway (`DeepSpeedEngine._skip_decision`). Returns whether it did (else
     DeepSpeed's clip stays)."""
-    needed = ("unscale_and_clip_grads", "clip_grad", "loss_scale", "check_grad_overflow")
-    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or not all(hasattr(zero_optimizer, a) for a in needed):
+    if not applies("sync_free_clip", zero_optimizer, "DeepSpeedZeroOptimizer"):
         return False
     if zero_optimizer.check_grad_overflow:
         return False
@@ -91,13 +178,12 @@ def install_foreach_grad_norm(zero_optimizer) -> bool:
     memory traffic at the 3B recipe. One `torch._foreach_norm` over the same gradients, accumulating in fp32, gives
     the same norm to fp32 rounding in a few multi-tensor kernels. Only where DeepSpeed's loop reduces to that: the
     L2 norm, no tensor or pipeline parallelism. Returns whether it did."""
+    if not applies("foreach_grad_norm", zero_optimizer, "DeepSpeedZeroOptimizer"):
+        return False
     from deepspeed import comm as dist
     from deepspeed.comm import pg_utils
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
-    needed = ("get_grad_norm_direct", "dp_process_group", "model_parallel_group", "model_parallel_rank", "device")
-    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or not all(hasattr(zero_optimizer, a) for a in needed):
-        return False
     if pg_utils.is_parallel(zero_optimizer.model_parallel_group) or zero_optimizer.model_parallel_rank != 0:
         return False
     per_tensor = zero_optimizer.get_grad_norm_direct
@@ -137,25 +223,22 @@ def load_with_nvme_optimizer_state(engine, checkpoint_dir: str, tag: str, load: 
       norms and gates back at their initial values).
     So before the load the swappable sub-groups get state tensors of the saved names (the swap-in that follows then
     reads the saved moments), and after it the others are restored from the file and their working weights
-    refreshed. Without NVMe optimizer offload this is just `load()`. Raises where DeepSpeed lacks what it needs: a
-    resume that silently loses state would be worse than none."""
+    refreshed. Without NVMe optimizer offload this is just `load()`. Raises where DeepSpeed lacks what it needs, or
+    the patches are off: a resume that silently loses state would be worse than none."""
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
 
     opt = engine.optimizer
     if not getattr(opt, "swap_optimizer", False):
         return load()
-    needed = ("loss_scaler", "dynamic_loss_scale", "overflow", "fp32_partitioned_groups_flat",
-              "_swappable_optimizer_subgroup", "_set_fp32_optimizer_param_groups", "_clear_fp32_optimizer_param_groups",
-              "_optimizer_states_and_gradient_swap_in", "_optimizer_states_and_gradient_swap_out",
-              "_reassign_or_swap_out_partitioned_parameters", "_partition_all_parameters", "checkpoint_event_epilogue",
-              "optimizer")
-    missing = [a for a in needed if not hasattr(opt, a)] + [a for a in ("_get_zero_ckpt_name",) if not hasattr(engine, a)]
-    if missing:
-        raise RuntimeError(
-            f"resuming ZeRO-3 with offload_optimizer on NVMe: this DeepSpeed lacks {missing}, which of_ds needs to "
-            f"restore the optimizer state exactly; resume with DeepSpeed 0.19, or start from the weights only "
+    why = why_not_patched()
+    if why is not None:
+        raise DeepSpeedPatchError(
+            f"resuming ZeRO-3 with offload_optimizer on NVMe needs of_ds's patch 'nvme_optimizer_state' to restore the "
+            f"optimizer state exactly, and it is off here ({why}); resume under DeepSpeed "
+            f"{', '.join(s + '.x' for s in SUPPORTED)} with the patches on, or start from the weights only "
             f"(checkpoint.load_weights_only: true)"
         )
+    require("nvme_optimizer_state", opt, engine)
     saved = torch.load(engine._get_zero_ckpt_name(checkpoint_dir, tag), map_location="cpu", weights_only=False)
     saved = saved[OPTIMIZER_STATE_DICT]
     opt._set_fp32_optimizer_param_groups()  # the base optimizer's numbering of its state, as state_dict() made it
@@ -200,8 +283,9 @@ def save_swapped_fp32_weights(engine, checkpoint_dir: str, tag: str) -> int:
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
     opt = engine.optimizer
-    if not getattr(opt, "swap_optimizer", False):
-        return 0
+    if not getattr(opt, "swap_optimizer", False) or why_not_patched() is not None:
+        return 0  # DeepSpeed's own checkpoint: empty placeholders for the swapped sub-groups' fp32 weights
+    require("nvme_optimizer_state", opt, engine)
     swapped = _swapped_subgroups(opt)
     path = Path(engine._get_zero_ckpt_name(checkpoint_dir, tag))
     saved = torch.load(path, map_location="cpu", weights_only=False)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from ..train.optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
+from .optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
 from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
 from .device_skip import found_inf, step_unless, supports_device_skip
 

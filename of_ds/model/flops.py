@@ -100,3 +100,12 @@ def forward_flops_by_part(model, batch_shapes: Union[BatchShapes, Sequence[Batch
     parts["lm_body"] = counts.get("Global", 0) - sum(parts.values())
     parts["total"] = counts.get("Global", 0)
     return parts
+
+
+def batch_shapes(spec, image_size: int) -> list[dict]:
+    """Padded worst-case micro-batch shapes per dataset (for FLOP counting)."""
+    out = []
+    for d in spec.data.datasets:
+        t = 1 if d.kind == "laion" else d.max_images
+        out.append({"pixel_values": (d.batch_size, t, 3, image_size, image_size), "input_ids": (d.batch_size, d.effective_max_tokens())})
+    return out

@@ -2,9 +2,9 @@
 
 A folder holds the engine's own files (DeepSpeed shards, or the torch engine's full state dicts), one
 `rank_state/rank{R:05d}.pt` per rank (loader position, drop counts, RNG: DeepSpeed saves client_state from rank 0
-only), `spec.yaml` (the resolved spec) and `meta.json` (step, world size, engine). `COMPLETE` is written by rank 0
-after a barrier that every rank reaches only once its files are written, so a crash mid-save leaves a folder
-without it, which resume ignores and the next save removes.
+only), `spec.yaml` (the resolved spec) and `meta.json` (step, world size, engine; under DeepSpeed also the patches
+of_ds applied to it). `COMPLETE` is written by rank 0 after a barrier that every rank reaches only once its files
+are written, so a crash mid-save leaves a folder without it, which resume ignores and the next save removes.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..engines.deepspeed_patches import NVME_STATE
 from ..runtime import Runtime
 from ..spec import RunSpec
 
 COMPLETE = "COMPLETE"
-NVME_STATE = "offloaded_tensors"  # in a step folder: DeepSpeed's copy of the swap files of an optimizer on NVMe
 UNIVERSAL = "universal"  # RUN_DIR/universal/step-N: a ZeRO checkpoint converted to DeepSpeed's universal format
 
 
@@ -183,6 +183,8 @@ class CheckpointManager:
             meta = {"step": state.step, "world_size": rt.world_size, "engine": spec.engine.kind,
                     "zero_stage": spec.engine.zero_stage if spec.engine.kind == "deepspeed" else None,
                     "train_state": asdict(state)}
+            if spec.engine.kind == "deepspeed":  # what of_ds changed inside DeepSpeed (engines/deepspeed_patches.py)
+                meta["deepspeed_patches"] = list(getattr(engine, "applied_patches", []))
             (path / "meta.json").write_text(json.dumps(meta, indent=1))
         rt.barrier()  # every rank's files are on disk
         if rt.is_main:

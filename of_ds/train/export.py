@@ -59,7 +59,7 @@ def load_weights_into(model, step_dir: Path, allow_pickle: bool = False) -> None
 def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None, allow_pickle: bool = False):
     """-> (model, spec): the checkpoint's model rebuilt on the CPU with its trainable weights loaded."""
     from ..model import build_flamingo
-    from .session import seed_everything
+    from ..runtime import seed_everything
 
     spec = spec or RunSpec.from_yaml(step_dir / "spec.yaml")
     seed_everything(spec.run.seed)  # same init as training: frozen new-token rows, if any, match

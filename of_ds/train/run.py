@@ -17,7 +17,7 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     from ..data import build_train_data
     from ..engines import build_engine
     from ..engines.deepspeed_config import resolve_deepspeed_config
-    from ..engines.watchdog import maybe_start_watchdog
+    from ..watchdog import maybe_start_watchdog
     from ..model import build_flamingo, image_processor_config
     from .checkpoint import CheckpointManager
     from .loop import train_loop

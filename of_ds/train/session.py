@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..runtime import Runtime
+from ..runtime import Runtime, seed_everything  # noqa: F401  (seed_everything: run.py and drivers call it here)
 from ..spec import RunSpec
 from .checkpoint import (
     UNIVERSAL,
@@ -76,20 +76,11 @@ def total_optimizer_steps(spec: RunSpec, micro_steps_per_epoch: int) -> int:
     return min(steps, spec.run.max_steps) if spec.run.max_steps else steps
 
 
-def batch_shapes(spec: RunSpec, image_size: int) -> list[dict]:
-    """Padded worst-case micro-batch shapes per dataset (for FLOP counting)."""
-    out = []
-    for d in spec.data.datasets:
-        t = 1 if d.kind == "laion" else d.max_images
-        out.append({"pixel_values": (d.batch_size, t, 3, image_size, image_size), "input_ids": (d.batch_size, d.effective_max_tokens())})
-    return out
-
-
 def step_flops(spec: RunSpec) -> Optional[float]:
     """FLOPs of one micro-step on one rank, counted on a meta copy of the model; None if counting fails."""
     try:
         from ..model import build_flamingo
-        from ..model.flops import count_step_flops
+        from ..model.flops import batch_shapes, count_step_flops
 
         from ..model.vision import tower_image_size
 
@@ -182,7 +173,7 @@ def carry_original_optimizer(engine, path: Path, spec: RunSpec) -> int:
     for name, moments in state.items():
         p = params[name]
         engine.optimizer.state[p] = {"step": moments["step"].to(p.device), **{k: moments[k].to(p) for k in ("exp_avg", "exp_avg_sq")}}
-    from .optim import reapply_fused
+    from ..engines.optim import reapply_fused
 
     reapply_fused(engine.optimizer, [g.get("fused") for g in engine.optimizer.param_groups])
     return len(state)
@@ -246,7 +237,7 @@ def dry_run_report(spec: RunSpec, ds_config: Optional[dict], world_size: int, gp
     """Resolved spec and DeepSpeed config, parameter counts, memory plan and recommendation (meta model: no weights).
     With `args` (the command line) the recommendation is printed as a command to run; `explicit`: the engine fields
     the spec or --set gave (before the DeepSpeed config was resolved)."""
-    from ..engines.memory import estimate, format_table, model_dims, parse_size, recommend
+    from ..perf.memory import estimate, format_table, model_dims, parse_size, recommend
     from ..model import build_flamingo
 
     model, _, _ = build_flamingo(spec.model, meta=True)
@@ -315,17 +306,6 @@ def summary(spec: RunSpec, run_dir: Path, checkpoints: CheckpointManager, state:
         f"[of_ds] metrics:     {(run_dir / 'metrics.jsonl').resolve()}  (plot: tools/plot_run {run_dir})",
         f"[of_ds] export:      tools/export_checkpoint {run_dir} {run_dir}/export.pt",
     ])
-
-
-def seed_everything(seed: int) -> None:
-    """The same model init on every rank (ZeRO-3 and DDP expect identical starting weights)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def dry_run_main(spec: RunSpec, args: argparse.Namespace) -> int:

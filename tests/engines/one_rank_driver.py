@@ -1,7 +1,7 @@
 """Run as `python one_rank_driver.py STAGE [--keep-reduce-scatter]` (1 rank, DS_ACCELERATOR=cpu): three optimizer
 steps of a tiny model under DeepSpeed ZeRO-STAGE bf16, two micro-steps each, on fixed batches. Prints one JSON line:
 the losses, a digest of the trainable weights after the last step, the bytes per trainable parameter that the last
-backward moved (counted by of_ds.engines.traffic's counter) and the `reduce_scatter` DeepSpeed ran with.
+backward moved (counted by of_ds.perf.traffic's counter) and the `reduce_scatter` DeepSpeed ran with.
 `--keep-reduce-scatter` leaves DeepSpeed's default (`sync_free_ds_config` turns it off on one rank)."""
 
 import hashlib
@@ -16,9 +16,9 @@ import torch  # noqa: E402
 
 import of_ds.engines.deepspeed_engine as deepspeed_engine  # noqa: E402
 from of_ds.engines import build_engine  # noqa: E402
-from of_ds.engines.bench_step import bench_spec, random_batches  # noqa: E402
+from of_ds.perf.bench_step import bench_spec, random_batches  # noqa: E402
 from of_ds.engines.deepspeed_config import resolve_deepspeed_config  # noqa: E402
-from of_ds.engines.traffic import TrafficCounter  # noqa: E402
+from of_ds.perf.traffic import TrafficCounter  # noqa: E402
 from of_ds.model import build_flamingo, count_parameters  # noqa: E402
 from of_ds.runtime import build_runtime  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from of_ds.engines.bench_step import bench_spec, release_lm_config
+from of_ds.perf.bench_step import bench_spec, release_lm_config
 from of_ds.model import build_flamingo
 from of_ds.model.releases import LM_CONFIGS
 from of_ds.spec import RunSpec
@@ -55,9 +55,9 @@ def test_the_skeleton_shrinks_every_recipes_lm(spec_name, tmp_path):
 def test_the_traffic_count_runs_the_3b_recipes_mosaic_gpt_on_the_meta_device(tmp_path):
     """`--traffic` counts on the meta device: MosaicGPT (QK LayerNorm, low-precision LayerNorms, ALiBi) must run
     there; at tiny widths its counted matmul FLOPs match the FLOP counter's, as for the other LMs."""
-    from of_ds.engines.traffic import count_step_traffic
+    from of_ds.perf.traffic import count_step_traffic
     from of_ds.model.flops import count_step_flops
-    from of_ds.train.session import batch_shapes
+    from of_ds.model.flops import batch_shapes
 
     tiny = {**release_lm_config("anas-awadalla/mpt-1b-redpajama-200b"), "d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 1000}
     lm = "{" + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in tiny.items() if not isinstance(v, (dict, list))) + "}"

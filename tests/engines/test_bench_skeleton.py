@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from of_ds.engines.bench_step import bench_spec
+from of_ds.perf.bench_step import bench_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engines_standin import tiny_spec_dict
-from of_ds.engines.memory import GiB, ModelDims, estimate, parse_size, recommend
+from of_ds.perf.memory import GiB, ModelDims, estimate, parse_size, recommend
 from of_ds.spec import RunSpec
 
 # roughly the 3B recipe: 2.56 B parameters, 1.05 B trainable, MPT-1B LM, ViT-L-14
@@ -65,8 +65,8 @@ def test_estimate_matches_h200_measurements(tmp_path, spec_name, sets, stage, me
     estimate is within 20%, and not below it by more than 5% (the plan must not promise what does not fit)."""
     from pathlib import Path
 
-    from of_ds.engines.bench_step import bench_spec
-    from of_ds.engines.memory import model_dims
+    from of_ds.perf.bench_step import bench_spec
+    from of_ds.perf.memory import model_dims
     from of_ds.model import build_flamingo
 
     repo = Path(__file__).resolve().parents[2]

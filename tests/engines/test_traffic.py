@@ -1,4 +1,4 @@
-"""`of_ds.engines.traffic` / `tools/bench_step --traffic`: bytes and FLOPs per operator of one step, on the meta device."""
+"""`of_ds.perf.traffic` / `tools/bench_step --traffic`: bytes and FLOPs per operator of one step, on the meta device."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from of_ds.engines.bench_step import bench_spec
-from of_ds.engines.traffic import (
+from of_ds.perf.bench_step import bench_spec
+from of_ds.perf.traffic import (
     OPTIMIZER_BYTES_PER_TRAINABLE, Rates, TrafficCounter, count_step_traffic, footprint, fused_attention_kernels, time_gemm_shapes,
 )
 from of_ds.model import build_flamingo, count_parameters
 from of_ds.model.flops import count_step_flops
-from of_ds.train.session import batch_shapes
+from of_ds.model.flops import batch_shapes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,7 +154,7 @@ def test_every_matmul_shape_is_replayed_and_timed(tmp_path):
 def test_compiled_traffic_measures_each_kind_of_layer(capsys):
     """tools/compiled_traffic: eager and compiled steps of 1-2 LM and vision layers, each layer kind's ratio, the
     full-size projection."""
-    from of_ds.engines.compiled_traffic import main
+    from of_ds.perf.compiled_traffic import main
 
     sets = [a for s in TINY_MPT + ["engine.fuse_datasets=true"] for a in ("--set", s)]
     assert main(["--spec", str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), "--tiny", "--rows", "2,4", *sets]) == 0
@@ -188,7 +188,7 @@ def test_the_replay_times_each_blas_library_and_restores_the_one_in_effect(tmp_p
 def test_the_replay_marks_shapes_a_library_refused(tmp_path, monkeypatch):
     """Where cuBLASLt refuses a shape, torch warns and runs cuBLAS: the row says so rather than passing the fallback's
     time off as cuBLASLt's. (The refusal is played by a matmul that warns as libtorch_cuda does under cuBLASLt.)"""
-    from of_ds.engines import traffic as traffic_module
+    from of_ds.perf import traffic as traffic_module
 
     def refusing_mm(a, b):
         if torch.backends.cuda.preferred_blas_library().name.lower() == "cublaslt":
@@ -210,7 +210,7 @@ def test_multihead_attention_is_counted_as_the_fast_path_a_gpu_takes():
     replays that path; it computes what the module computes, and training still takes the module's own path."""
     from torch import nn
 
-    from of_ds.engines.traffic import _mha_fast_path
+    from of_ds.perf.traffic import _mha_fast_path
 
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()

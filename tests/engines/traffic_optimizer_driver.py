@@ -1,4 +1,4 @@
-"""Run as `python traffic_optimizer_driver.py` (1 rank, DS_ACCELERATOR=cpu): count, with of_ds.engines.traffic's
+"""Run as `python traffic_optimizer_driver.py` (1 rank, DS_ACCELERATOR=cpu): count, with of_ds.perf.traffic's
 counter, the bytes of a DeepSpeed ZeRO-2 bf16 optimizer step and print them per trainable parameter (one JSON line),
 the figure `OPTIMIZER_BYTES_PER_TRAINABLE` stands for."""
 
@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from of_ds.engines import build_engine  # noqa: E402
-from of_ds.engines.bench_step import bench_spec, random_batches  # noqa: E402
+from of_ds.perf.bench_step import bench_spec, random_batches  # noqa: E402
 from of_ds.engines.deepspeed_config import resolve_deepspeed_config  # noqa: E402
-from of_ds.engines.traffic import TrafficCounter  # noqa: E402
+from of_ds.perf.traffic import TrafficCounter  # noqa: E402
 from of_ds.model import build_flamingo, count_parameters  # noqa: E402
 from of_ds.runtime import build_runtime  # noqa: E402
 

@@ -93,8 +93,8 @@ def llama(tiny_tokenizer_dir):
 REPO = Path(__file__).resolve().parents[2]
 # the original, released: `make test` installs open-flamingo 2.0.1 there (--no-deps; its model code is main's)
 ORIGINAL_PACKAGE = Path(os.environ.get("OF_ORIGINAL_PACKAGE", REPO / ".venv" / "original"))
-# or main, from a git mirror (the session's fetch of github:mlfoundations/open_flamingo)
-MIRROR = Path(os.environ.get("OF_ORIGINAL_MIRROR", "/work/.mirror/mlfoundations+open_flamingo/repo"))
+# or main, from a bare git mirror of its repository (OF_ORIGINAL_MIRROR)
+MIRROR = Path(os.environ.get("OF_ORIGINAL_MIRROR", "") or os.devnull)  # a bare git dir of its repository, if any
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def original_tree(tmp_path_factory) -> Path:
             src, out = ORIGINAL_PACKAGE / part, dest / part
             out.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if src.is_dir() else shutil.copy)(src, out)
-    elif MIRROR.is_dir():
+    elif MIRROR.is_dir():  # (os.devnull, the default, is not)
         archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "main", *wanted], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     else:

@@ -37,7 +37,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_PACKAGE = Path(os.environ.get("OF_REFERENCE_PACKAGE", REPO / ".venv" / "reference"))
-MOSAICGPT_MIRROR = Path(os.environ.get("OF_MOSAICGPT_MIRROR", "/work/.mirror/mosaicml+examples/repo"))
+MOSAICGPT_MIRROR = Path(os.environ.get("OF_MOSAICGPT_MIRROR", "") or os.devnull)  # a bare git dir of mosaicml/examples, if any
 # mosaicml/examples just before its 2023-04-25 ALiBi-slope change: the MosaicGPT code of the April 2023 release
 MOSAICGPT_COMMIT = "fbfdf68f^"
 MOSAICGPT_PATHS = [

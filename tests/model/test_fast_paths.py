@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from of_ds.engines.step_profile import PARTS, StepBreakdown, run_profiled_step
+from of_ds.perf.step_profile import PARTS, StepBreakdown, run_profiled_step
 
 from .conftest import build_tiny, encode, open_gates
 

@@ -6,7 +6,7 @@ import yaml
 from PIL import Image
 
 from of_ds.model.checkpoint_keys import to_openflamingo_state_dict
-from of_ds.model.generate_cli import main
+from of_ds.generate_cli import main
 
 from .conftest import build_tiny, open_gates, tiny_spec
 from .test_state import perturb_trainables

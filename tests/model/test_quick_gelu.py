@@ -112,7 +112,7 @@ def test_a_flamingo_with_a_quick_gelu_tower_encodes_as_open_clip_does(tiny_token
 
 
 def test_the_bench_keeps_the_recipes_activation(tmp_path):
-    from of_ds.engines.bench_step import bench_spec
+    from of_ds.perf.bench_step import bench_spec
 
     spec = bench_spec("launch/specs/openflamingo-3b.yaml", [], tiny=False, tmp=tmp_path)
     assert spec.model.vision.pretrained is None and spec.model.vision.quick_gelu is True

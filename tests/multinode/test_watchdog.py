@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from of_ds.engines.watchdog import Watchdog, collective_timeout, node_address, write_rank_file
+from of_ds.watchdog import Watchdog, collective_timeout, node_address, write_rank_file
 
 
 def _store_pair():
@@ -120,7 +120,7 @@ _RANK1 = """
 import sys
 from datetime import timedelta
 import torch.distributed as dist
-from of_ds.engines.watchdog import Watchdog, _install_excepthook
+from of_ds.watchdog import Watchdog, _install_excepthook
 store = dist.TCPStore("127.0.0.1", {port}, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
 dog = Watchdog(dist.PrefixStore("wd", store), 1, 2, timeout_s=1.5, interval_s=0.1).start()
 _install_excepthook(dog)

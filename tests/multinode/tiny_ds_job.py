@@ -13,7 +13,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from of_ds.engines.watchdog import collective_timeout, start_watchdog
+from of_ds.watchdog import collective_timeout, start_watchdog
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from of_ds.spec import OptimSpec
-from of_ds.train.optim import build_optimizer, build_param_groups, build_scheduler, lr_lambda
+from of_ds.engines.optim import build_optimizer, build_param_groups, build_scheduler, lr_lambda
 
 
 class Toy(nn.Module):

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_entry_point_refuses_a_planted_file(tmp_path):
-    from of_ds.model.generate_cli import load_weights
+    from of_ds.generate_cli import load_weights
     from of_ds.spec import RunSpec
     from of_ds.train.export import read_trainable_weights
     from of_ds.train.session import find_resume_point, load_original_checkpoint

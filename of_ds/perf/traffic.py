@@ -358,9 +358,9 @@ def count_step_traffic(spec, mha_fast_path: bool = True) -> StepTraffic:
     """Build `spec`'s model on the meta device and count one training step (one micro-batch per dataset);
     `mha_fast_path=False` counts nn.MultiheadAttention's unfused path (what `torch.compile` traces)."""
     from ..model import build_flamingo, count_parameters
+    from ..model.flops import batch_shapes
     from ..model.vision import tower_image_size
-    from ..train.session import batch_shapes
-    from .base import fused_row_lengths, weighted_losses
+    from ..engines.base import fused_row_lengths, weighted_losses
 
     model, _, _ = build_flamingo(spec.model, meta=True)
     dtype = weight_dtype(spec.engine.precision)

@@ -1,4 +1,4 @@
-"""Converter throughput against the original script: `python -m of_ds.convert.bench --original PATH [--workers 1 2]`.
+"""Converter throughput against the original script: `python -m of_ds.perf.convert_bench --original PATH [--workers 1 2]`.
 
 Writes an MMC4-layout input set (scikit-image photos as JPEGs of 320-800 px, 1-5 per document, images under
 `IMAGE_DIR/<list position>/` so both converters find them), then times each converter as a subprocess (Python
@@ -81,7 +81,7 @@ def parallel_capacity(n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="of_ds.convert.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="of_ds.perf.convert_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--original", help="path of the original convert_mmc4_to_wds.py (skipped when absent)")
     p.add_argument("--zips", type=int, default=8)
     p.add_argument("--docs", type=int, default=60)

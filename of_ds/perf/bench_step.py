@@ -7,7 +7,7 @@ unknown names get the 3B recipe's), the vision tower is built unpretrained (with
 was trained with), and the tokenizer is a local word-level vocabulary of the releases' tokenizer size (50277).
 `--tiny` shrinks model and batches so it runs on a CPU; `--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
 dispatches, measurable on a CPU). `--traffic` times nothing: it counts one step's bytes and FLOPs on the meta device
-at the recipe's sizes and projects the kernel time (`of_ds.engines.traffic`).
+at the recipe's sizes and projects the kernel time (`of_ds.perf.traffic`).
 FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every image slot counted).
 """
 
@@ -133,13 +133,13 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
     """Time `steps` training steps after `warmup`; `breakdown` adds seconds per model part (one extra step),
     `trace` writes a torch.profiler operator table of one more step to that file, `cprofile` a host profile."""
     from ..model import build_flamingo, count_parameters
-    from ..model.flops import count_step_flops, forward_flops_by_part
+    from ..model.flops import batch_shapes, count_step_flops, forward_flops_by_part
     from ..model.vision import tower_image_size
     from ..runtime import build_runtime
-    from ..train.metrics import device_peak_tflops
-    from ..train.session import batch_shapes, seed_everything
-    from . import build_engine
-    from .deepspeed_config import resolve_deepspeed_config
+    from ..engines import build_engine
+    from ..engines.deepspeed_config import resolve_deepspeed_config
+    from ..runtime import seed_everything
+    from .peak import device_peak_tflops
 
     runtime = build_runtime(spec.engine)
     ds_config = None
@@ -363,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: the device table)")
-    p.add_argument("--breakdown", action="store_true", help="add seconds per model part of one step (see engines/step_profile.py)")
+    p.add_argument("--breakdown", action="store_true", help="add seconds per model part of one step (see perf/step_profile.py)")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a torch.profiler operator table of one step to FILE")
     p.add_argument("--cprofile", default=None, metavar="FILE", help="write a cProfile (host side) of one step to FILE")
     p.add_argument("--count-ops", action="store_true", help="add operators dispatched and kernels run per step (one more step)")
     p.add_argument("--traffic", action="store_true",
-                   help="instead of timing: count the bytes and FLOPs of one step on the meta device and project its kernel time (any machine; see engines/traffic.py)")
+                   help="instead of timing: count the bytes and FLOPs of one step on the meta device and project its kernel time (any machine; see perf/traffic.py)")
     p.add_argument("--rates", default=None, type=_rates, metavar="GEMM_TFLOPS,ATTN_TFLOPS,MEM_TBPS",
                    help="achieved device rates for --traffic's projection (default: fitted to the measured H200 step)")
     p.add_argument("--time-gemms", action="store_true",

@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_weights(model, path: str | Path, allow_pickle: bool = False) -> None:
     """Our trainable layout if it has `new_tokens.*` keys, else the original OpenFlamingo layout (strict)."""
-    from ..train.untrusted import load_untrusted
-    from .checkpoint_keys import load_openflamingo_state_dict, unwrap_checkpoint
+    from .model.checkpoint_keys import load_openflamingo_state_dict, unwrap_checkpoint
+    from .train.untrusted import load_untrusted
 
     sd = unwrap_checkpoint(load_untrusted(path, allow_pickle=allow_pickle, opt_in="--allow-pickle"))
     if any(k.startswith("new_tokens.") for k in sd):
@@ -42,13 +42,13 @@ def load_weights(model, path: str | Path, allow_pickle: bool = False) -> None:
 
 def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str], allow_pickle: bool = False):
     """-> (model, image_processor, tokenizer) with the checkpoint's trainable weights."""
-    from ..spec import RunSpec
-    from . import build_flamingo
-    from .tokenizer import load_tokenizer
-    from .vision import build_image_processor
+    from .model import build_flamingo
+    from .model.tokenizer import load_tokenizer
+    from .model.vision import build_image_processor
+    from .spec import RunSpec
 
     if path.is_dir():
-        from ..train.export import find_checkpoint, load_checkpoint_into_model
+        from .train.export import find_checkpoint, load_checkpoint_into_model
 
         step = find_checkpoint(path)
         spec = RunSpec.from_yaml(spec_path or step / "spec.yaml", overrides=overrides)
@@ -58,7 +58,7 @@ def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str
         return model, build_image_processor(model.vision_encoder), tok
     if not spec_path:
         raise ValueError(f"{path}: a .pt checkpoint needs --spec (the run spec it was trained with)")
-    from ..train.session import seed_everything
+    from .runtime import seed_everything
 
     spec = RunSpec.from_yaml(spec_path, overrides=overrides)
     seed_everything(spec.run.seed)  # randomly initialised frozen parts (tests, demo) come out as in training
@@ -70,8 +70,8 @@ def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str
 def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
-    from ..spec import SpecError
-    from .tokenizer import MEDIA_TOKEN
+    from .model.tokenizer import MEDIA_TOKEN
+    from .spec import SpecError
 
     args = parse_args(argv)
     problems = [f"--image: not found: {f}" for f in args.image if not Path(f).is_file()]

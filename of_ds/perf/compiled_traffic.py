@@ -71,7 +71,7 @@ def eager_and_compiled_bytes(spec) -> tuple[int, int]:
     aten operator, and compiled (the whole model under torch.compile), counted by inductor."""
     from ..model import build_flamingo
     from ..model.vision import tower_image_size
-    from .base import fused_row_lengths, weighted_losses
+    from ..engines.base import fused_row_lengths, weighted_losses
 
     torch.manual_seed(0)
     model, _, _ = build_flamingo(spec.model)

@@ -1,7 +1,7 @@
 """End-to-end runs of launch/train.py's training (`of_ds.train.run.run`) on the demo data, 2 CPU ranks (gloo): every
 ZeRO stage and offload config, DDP, FSDP2; trajectories compared; exact resume; export round-trip (ZeRO-2 and
-ZeRO-3). The runs of this module share two launches (`launch_runs`: every 2-rank run, then every 1-rank one), each
-run as one launch/train.py command would do it.
+ZeRO-3). The runs of this module share a few launches (`launch_runs`: every 2-rank run, the 1-rank ones, the NVMe
+resumes), each run as one launch/train.py command would do it.
 
 fp32 tolerance: ZeRO-1/2/3 and FSDP reduce gradients in a different order (bucketed / reduce-scatter) than DDP's
 all-reduce; over 4 steps of the demo model the logged losses agree to 2e-5 relative (we assert 1e-4)."""
@@ -62,6 +62,8 @@ def two_rank(workdir):
     """Every 2-rank run of this module, in one launch: name -> {"out", "err"}."""
     runs = workdir / "runs"
     jobs = [job("ddp", ["engine.kind=ddp"])]
+    if nvme_available():  # the process's first ZeRO-3 engine, numbered as a fresh process numbers it (see nvme_resume)
+        jobs.append(job("zero3_nvme", [*NVME_SETS, f"engine.nvme_path={workdir / 'nvme'}"], "zero3.json"))
     jobs += [job(c.removesuffix(".json"), [f"engine.zero_stage={c[4]}", *sets], c) for c, sets in ZERO_CONFIGS]
     jobs += [job("fsdp", ["engine.kind=fsdp"])]
     jobs += [job(fused_name(c, sets), [*sets, "engine.fuse_datasets=true"], c) for c, sets in FUSED]
@@ -71,15 +73,21 @@ def two_rank(workdir):
         job("resumed", [], "zero2.json", copy=(runs / "zero2" / STEP2, runs / "resumed" / STEP2)),
         job("zero3_from_zero2", ["engine.zero_stage=3"], "zero3.json", copy=(runs / "zero2" / STEP2, runs / "zero3_from_zero2" / STEP2), expect_error=True),
     ]
-    if nvme_available():
-        nvme = [*NVME_SETS, f"engine.nvme_path={workdir / 'nvme'}"]
-        src = runs / "zero3_nvme" / STEP2
-        jobs += [
-            job("zero3_nvme", nvme, "zero3.json"),
-            job("zero3_nvme_resumed", nvme, "zero3.json", copy=(src, runs / "zero3_nvme_resumed" / STEP2)),
-            job("zero3_nvme_on_cpu", ["engine.zero_stage=3"], "zero3_offload.json", copy=(src, runs / "zero3_nvme_on_cpu" / STEP2), expect_error=True),
-        ]
     return launch_runs(workdir, jobs)
+
+
+@pytest.fixture(scope="module")
+def nvme_resume(workdir, two_rank):
+    """The NVMe run's resumes, in a launch of their own: ZeRO-3 numbers its parameters per process and the swap
+    files carry those numbers, so the NVMe run is the first ZeRO-3 engine of its launch and its resume the first of
+    this one, as in two fresh processes."""
+    if "zero3_nvme" not in two_rank:
+        pytest.skip("NVMe offload needs libaio's headers (Debian package libaio-dev)")
+    src, runs = workdir / "runs" / "zero3_nvme" / STEP2, workdir / "runs"
+    return launch_runs(workdir, [
+        job("zero3_nvme_resumed", [*NVME_SETS, f"engine.nvme_path={workdir / 'nvme'}"], "zero3.json", copy=(src, runs / "zero3_nvme_resumed" / STEP2)),
+        job("zero3_nvme_on_cpu", ["engine.zero_stage=3"], "zero3_offload.json", copy=(src, runs / "zero3_nvme_on_cpu" / STEP2), expect_error=True),
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +136,7 @@ def test_zero_stage_matches_ddp(workdir, ddp, config, sets):
     assert (workdir / "runs" / name / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
 
 
-def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, two_rank, monkeypatch):
+def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, nvme_resume, monkeypatch):
     """ZeRO-Infinity: parameters and optimizer states offloaded to a disk folder (DeepSpeed's async_io op, built on
     first use against libaio). Same losses as DDP, the optimizer states on the disk, the export equal to DDP's, and a
     restart from the step-2 checkpoint repeats steps 3-4 exactly (DeepSpeed alone loses the Adam moments, the small
@@ -136,8 +144,6 @@ def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, two_ra
     the CPU is a clear error. (A weights-only start reads what the export reads.)"""
     from of_ds.train.export import export_checkpoint
 
-    if "zero3_nvme" not in two_rank:
-        pytest.skip("NVMe offload needs libaio's headers (Debian package libaio-dev)")
     full = losses(workdir, "zero3_nvme")
     assert_same_trajectory(full, ddp)
     swapped = {p.name.split("-")[0] for p in (workdir / "nvme" / "zero_stage_3" / "optimizer").rglob("*.swp")}
@@ -150,9 +156,9 @@ def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, two_ra
     for k in ddp_export:
         torch.testing.assert_close(exported[k], ddp_export[k], rtol=1e-4, atol=1e-5, msg=k)
 
-    assert "resumed from" in two_rank["zero3_nvme_resumed"]["out"]
+    assert "resumed from" in nvme_resume["zero3_nvme_resumed"]["out"]
     assert_repeats_steps_3_and_4(losses(workdir, "zero3_nvme_resumed"), full)
-    assert "saved with the optimizer state on NVMe, but this run keeps it not on NVMe" in two_rank["zero3_nvme_on_cpu"]["err"]
+    assert "saved with the optimizer state on NVMe, but this run keeps it not on NVMe" in nvme_resume["zero3_nvme_on_cpu"]["err"]
 
 
 def test_fsdp_matches_ddp(workdir, ddp):

@@ -24,10 +24,6 @@ def main(argv=None) -> int:
         if main_rank:  # every rank checks and exits; one says why
             print(f"launch/train.py: {e}", file=sys.stderr, flush=True)
         return 2
-    if main_rank and spec.engine.kind == "deepspeed":
-        from of_ds.engines.deepspeed_config import resolve_deepspeed_config, resolved_engine_line
-
-        print(resolved_engine_line(resolve_deepspeed_config(spec, session.world_size_of(args))[1]), flush=True)
     from of_ds.runtime import build_runtime
     from of_ds.train.run import run
 

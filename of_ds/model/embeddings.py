@@ -1,8 +1,9 @@
 """Decoupled embeddings for the tokens the LM's own matrices do not own (`<image>`, `<|endofchunk|>`, `<PAD>`).
 
 The LM's input matrix and output head stay untouched and frozen; a small input table and output table hold the
-new tokens (IDEFICS-style). This is ZeRO-3 safe (a slice of a partitioned weight cannot be trainable, DeepSpeed
-issue 5041) because every weight is used by calling the module that owns it. New ids may lie inside the LM
+new tokens (IDEFICS-style). This is ZeRO-3 safe (under ZeRO-3 a slice of a partitioned weight cannot be made
+trainable, nor a weight read outside its module's forward) because every weight is used by calling the module that
+owns it. New ids may lie inside the LM
 matrix's padding rows (MPT: 50432 rows for 50277 tokens) or beyond it; both are routed to the tables.
 
 Only the rows of `trainable_ids` (`<image>` and `<|endofchunk|>`) learn, as the original's gradient mask

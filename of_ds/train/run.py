@@ -16,7 +16,7 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     """Train `spec` to its end (or resume it), printing the summary on rank 0; -> the final train state."""
     from ..data import build_train_data
     from ..engines import build_engine
-    from ..engines.deepspeed_config import resolve_deepspeed_config
+    from ..engines.deepspeed_config import resolve_deepspeed_config, resolved_engine_line
     from ..watchdog import maybe_start_watchdog
     from ..model import build_flamingo, image_processor_config
     from .checkpoint import CheckpointManager
@@ -27,6 +27,8 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     ds_config = None
     if spec.engine.kind == "deepspeed":
         ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
+        if runtime.is_main:
+            print(resolved_engine_line(spec), flush=True)
     if runtime.is_main:
         session.maybe_make_demo_data(spec)
     runtime.barrier()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import socket
@@ -20,6 +22,15 @@ FAST = [
     "data.datasets.laion.batch_size=4", "data.datasets.mmc4.batch_size=2",
     "data.datasets.laion.workers=0", "data.datasets.mmc4.workers=0",
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def train_main():
+    """launch/train.py's `main(argv)`, imported from its file, for in-process runs of the entry point."""
+    loader = importlib.util.spec_from_file_location("of_ds_launch_train", TRAIN)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module.main
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ recommendation as a command that dry-runs as printed. All in-process: `launch/tr
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from engines_launch import train_main
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = sorted(p.name for p in (REPO / "launch" / "specs").glob("*.yaml"))
@@ -23,14 +23,7 @@ TINY_LM = ("model.lm.config={model_type: llama, hidden_size: 32, intermediate_si
            "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}")
 
 
-def _train_main():
-    loader = importlib.util.spec_from_file_location("of_ds_launch_train_matrix", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module.main
-
-
-MAIN = _train_main()
+MAIN = train_main()
 
 
 @pytest.fixture(scope="module")

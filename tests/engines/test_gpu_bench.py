@@ -1,6 +1,6 @@
 """`tools/gpu_session.sh` / `tools/gpu_bench.sh` on the CPU (TINY=1: tiny models, one step each): the next GPU
-session's plan runs every variant it names without a failure, and a time budget skips what it cannot fit, so a
-device call returns with every line written."""
+plan runs every variant it names without a failure, and a time budget skips what it cannot fit, so a time-limited
+GPU run returns with every line written."""
 
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ without `--dry-run`, on the demo spec pointed at files made here."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import tarfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from engines_launch import train_main
 
 from of_ds.preflight import preflight_problems
 from of_ds.spec import RunSpec
@@ -23,14 +23,7 @@ DEMO = REPO / "launch" / "specs" / "demo.yaml"
 MODES = ["--dry-run", None]  # the dry run and the real run check the same
 
 
-def _train_main():
-    loader = importlib.util.spec_from_file_location("of_ds_launch_train_preflight", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module.main
-
-
-MAIN = _train_main()
+MAIN = train_main()
 
 
 def write_tar(path: Path) -> None:

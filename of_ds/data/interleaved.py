@@ -5,9 +5,9 @@ markers and the bytes of the images it references, in text order), so the buffer
 It reads both shard layouts: the original's (`image_info[i].image_base64`) and the converter's
 (`image_info[i].member` = "000.jpg" naming the tar member `KEY.000.jpg`; `missing` marks absent images).
 
-MMC4 follows the original main branch (reference section 2.2), with its order bug B1 fixed: image-sentence
+MMC4 follows the original main branch's `preprocess_interleaved`, with its order bug B1 fixed: image-sentence
 pairs are sorted by sentence before keeping `max_images`, so the k-th `<image>` token is the k-th image.
-ChatGPT documents (`is_gpt`) follow section 2.3 without the off-by-one B9 (all `max_images` images are kept).
+ChatGPT documents (`is_gpt`) follow its `preprocess_gpt_interleaved` without the off-by-one B9 (all `max_images` images are kept).
 
 Source text that spells a special token literally (`<image>`, `<|endofchunk|>`, the tokenizer's eos, pad...) is
 dropped (`text_has_special_token`): only the markers placed here become `<image>` tokens. Each `Document` records

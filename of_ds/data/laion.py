@@ -1,6 +1,6 @@
 """LAION image-text pairs: raw tar sample -> (key, image bytes, caption) -> `[B, 1, 3, H, W]` batches.
 
-Caption template and tokenization follow the original trainer (reference section 2.1):
+Caption template and tokenization follow the original trainer (its `train/data.py`, `preprocess_laion_text`):
 `<image>{caption.strip()}<|endofchunk|>{eos}`, right padding to the longest row, truncation at `max_tokens`.
 A caption that spells a special token literally is dropped (`text_has_special_token`); every batch row is checked
 to hold exactly one `<image>` token, the caption's first marker (`ImagePairingError` otherwise: a bug).

@@ -1,4 +1,4 @@
-"""Training labels from token ids, vectorised: the original main branch's masking (reference section 2.4)."""
+"""Training labels from token ids, vectorised: the original main branch's masking (its train loop's `labels` construction)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def test_sizes_json_gives_a_real_pass_and_pipe_shards_read_like_files(shard_dir,
 
 
 def test_epoch_arithmetic_matches_the_original():
-    assert steps_for(125_000, 32, 8, 4) == 492  # reference section 2.6 worked example
+    assert steps_for(125_000, 32, 8, 4) == 492  # the original's arithmetic: MMC4 32 x 125,000 on 8 GPUs, 4 workers
     assert steps_for(250_000, 64, 8, 4) == 492
     assert [batches_of_worker(w, 2, 1, 4) for w in (0, 1)] == [1, 2]  # steps 1, 2, 3 -> workers 1, 0, 1
 

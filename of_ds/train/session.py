@@ -128,6 +128,27 @@ def _set_zero3_moment(param, value: torch.Tensor, key: str) -> None:
     part.data.copy_(padded[rank * per_rank: rank * per_rank + part.numel()])
 
 
+# DeepSpeed internals the carry writes the moments through, per ZeRO optimizer class (DeepSpeed 0.19)
+_CARRY_NEEDS = {
+    "DeepSpeedZeroOptimizer": ("optimizer", "_lazy_init_hp_params_optimizer_state", "_hp_optimizer_states_linked"),
+    "DeepSpeedZeroOptimizer_Stage3": ("optimizer", "fp32_partitioned_groups_flat", "_get_fp32_opt_state_partition",
+                                      "_get_param_partition_rank"),
+}
+
+
+def _require_zero_internals(zero, path: Path) -> None:
+    """Refuse, naming them, when this DeepSpeed's ZeRO optimizer lacks what the carry relies on."""
+    import deepspeed
+
+    kind = type(zero).__name__
+    missing = [a for a in _CARRY_NEEDS.get(kind, ("optimizer",)) if not hasattr(zero, a)]
+    if missing:
+        raise RuntimeError(
+            f"checkpoint.original_optimizer: carry ({path}) relies on {', '.join(missing)} of DeepSpeed's {kind}, which "
+            f"DeepSpeed {deepspeed.__version__} lacks; use original_optimizer: fresh, or DeepSpeed 0.19.x"
+        )
+
+
 def carry_original_optimizer(engine, path: Path, spec: RunSpec) -> int:
     """`checkpoint.original_optimizer: carry`: the original checkpoint's Adam moments and step counts into the
     engine's optimizer, before its first step (every rank; ZeRO partitions take their own part). -> parameters set."""
@@ -143,6 +164,7 @@ def carry_original_optimizer(engine, path: Path, spec: RunSpec) -> int:
             raise ValueError(f"{path}: the original's parameters have different step counts {sorted(steps)}; "
                              "DeepSpeed keeps one per parameter group")
         zero = engine.optimizer
+        _require_zero_internals(zero, path)
         # the torch AdamW over DeepSpeed's fp32 partitions (ZeRO-3: one per sub-group) has no state before its
         # first step: create it, zero, for the moments to be written into
         partitions = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in zero.optimizer.param_groups for p in g["params"]]

@@ -184,6 +184,24 @@ def test_optimizer_state_maps_to_our_parameters(written, family):
         original_optimizer_state(ours, fewer)
 
 
+def test_carry_names_the_deepspeed_internals_it_relies_on(tmp_path):
+    """The carry writes the moments through ZeRO optimizers' private attributes: a DeepSpeed without them is refused
+    by name, before anything is written (the optimizer here is a class of that name, missing them)."""
+    from of_ds.train.session import _CARRY_NEEDS, _require_zero_internals
+
+    for name, needs in _CARRY_NEEDS.items():
+        import deepspeed.runtime.zero.stage3 as z3
+        import deepspeed.runtime.zero.stage_1_and_2 as z12
+
+        real = {"DeepSpeedZeroOptimizer": z12, "DeepSpeedZeroOptimizer_Stage3": z3}[name]
+        cls = getattr(real, name)
+        assert all(hasattr(cls, a) or a in ("optimizer", "fp32_partitioned_groups_flat", "_hp_optimizer_states_linked")
+                   for a in needs), name  # methods are on the class; the rest are set in __init__
+        lacking = type(name, (), {"optimizer": None})()
+        with pytest.raises(RuntimeError, match=rf"relies on {needs[1]}.* of DeepSpeed's {name}.*original_optimizer: fresh"):
+            _require_zero_internals(lacking, tmp_path / "checkpoint.pt")
+
+
 def _theirs_order(theirs) -> list[str]:
     """The original optimizer's index order, from the original model's own parameters (not its file)."""
     named = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]

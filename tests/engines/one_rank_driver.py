@@ -1,8 +1,8 @@
-"""Run as `python one_rank_driver.py STAGE [--keep-reduce-scatter]` (1 rank, DS_ACCELERATOR=cpu): three optimizer
-steps of a tiny model under DeepSpeed ZeRO-STAGE bf16, two micro-steps each, on fixed batches. Prints one JSON line:
-the losses, a digest of the trainable weights after the last step, the bytes per trainable parameter that the last
-backward moved (counted by of_ds.perf.traffic's counter) and the `reduce_scatter` DeepSpeed ran with.
-`--keep-reduce-scatter` leaves DeepSpeed's default (`sync_free_ds_config` turns it off on one rank)."""
+"""Run as `python one_rank_driver.py STAGE[:keep] ...` (1 rank, DS_ACCELERATOR=cpu): for each mode, in one process,
+three optimizer steps of a tiny model under DeepSpeed ZeRO-STAGE bf16, two micro-steps each, on fixed batches. Prints
+one JSON line per mode: the mode, the losses, a digest of the trainable weights after the last step, the bytes per
+trainable parameter that the last backward moved (counted by of_ds.perf.traffic's counter) and the `reduce_scatter`
+DeepSpeed ran with. `:keep` leaves DeepSpeed's default (`sync_free_ds_config` turns it off on one rank)."""
 
 import hashlib
 import json
@@ -23,47 +23,51 @@ from of_ds.model import build_flamingo, count_parameters  # noqa: E402
 from of_ds.runtime import build_runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-stage = int(sys.argv[1])
-SETS = ["engine.precision=bf16", f"engine.zero_stage={stage}", "optim.grad_accum_steps=2", "optim.warmup_steps=0", "optim.lr=1e-3", "run.seed=3",
-        "model.cross_attn.heads=4", "model.cross_attn.dim_head=64",
-        "model.lm.config={model_type: mpt, d_model: 256, n_layers: 2, n_heads: 4, vocab_size: 1000, max_seq_len: 256, expansion_ratio: 4}"]
+SYNC_FREE = deepspeed_engine.sync_free_ds_config
 
-if "--keep-reduce-scatter" in sys.argv:
-    ours = deepspeed_engine.sync_free_ds_config
 
-    def keep_reduce_scatter(ds_config, world_size, device_skip):
-        out = ours(ds_config, world_size, device_skip)
-        out["zero_optimization"] = {**out["zero_optimization"], "reduce_scatter": True}
-        return out
+def keep_reduce_scatter(ds_config, world_size, device_skip):
+    out = SYNC_FREE(ds_config, world_size, device_skip)
+    out["zero_optimization"] = {**out["zero_optimization"], "reduce_scatter": True}
+    return out
 
-    deepspeed_engine.sync_free_ds_config = keep_reduce_scatter
 
-spec = bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), SETS, True, Path(tempfile.mkdtemp()))
-runtime = build_runtime(spec.engine)
-ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-torch.manual_seed(spec.run.seed)
-model, _, _ = build_flamingo(spec.model)
-engine = build_engine(model, spec, runtime, total_steps=10, ds_config=ds_config)
-generator = torch.Generator().manual_seed(0)
-micro = [random_batches(spec, engine.module, 64, generator) for _ in range(2)]
-weights = {d.name: d.loss_weight for d in spec.data.datasets}
-losses, counter = [], TrafficCounter()
-for step in range(3):
-    for i, batches in enumerate(micro):
-        loss = engine.forward(batches, weights)["loss"]
-        losses.append(float(loss))
-        if step == 2 and i == 1:
-            with counter:
+def run(stage: int, keep: bool, runtime) -> dict:
+    sets = ["engine.precision=bf16", f"engine.zero_stage={stage}", "optim.grad_accum_steps=2", "optim.warmup_steps=0", "optim.lr=1e-3",
+            "run.seed=3", "model.cross_attn.heads=4", "model.cross_attn.dim_head=64",
+            "model.lm.config={model_type: mpt, d_model: 256, n_layers: 2, n_heads: 4, vocab_size: 1000, max_seq_len: 256, expansion_ratio: 4}"]
+    deepspeed_engine.sync_free_ds_config = keep_reduce_scatter if keep else SYNC_FREE
+    spec = bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), sets, True, Path(tempfile.mkdtemp()))
+    ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
+    torch.manual_seed(spec.run.seed)
+    model, _, _ = build_flamingo(spec.model)
+    engine = build_engine(model, spec, runtime, total_steps=10, ds_config=ds_config)
+    generator = torch.Generator().manual_seed(0)
+    micro = [random_batches(spec, engine.module, 64, generator) for _ in range(2)]
+    weights = {d.name: d.loss_weight for d in spec.data.datasets}
+    losses, counter = [], TrafficCounter()
+    for step in range(3):
+        for i, batches in enumerate(micro):
+            loss = engine.forward(batches, weights)["loss"]
+            losses.append(float(loss))
+            if step == 2 and i == 1:
+                with counter:
+                    engine.backward(loss)
+            else:
                 engine.backward(loss)
-        else:
-            engine.backward(loss)
-    engine.step()
-digest = hashlib.sha256()
-for name, p in sorted(engine.module.named_parameters()):
-    if p.requires_grad:
-        digest.update(name.encode())
-        digest.update(p.detach().float().numpy().tobytes())
-trainable = count_parameters(model)["trainable"]
-print(json.dumps({"losses": losses, "weights_sha256": digest.hexdigest(), "trainable": trainable,
-                  "backward_bytes_per_trainable": counter.traffic.kinds["memory"].bytes / trainable,
-                  "reduce_scatter": engine.engine.zero_reduce_scatter()}), flush=True)
+        engine.step()
+    digest = hashlib.sha256()
+    for name, p in sorted(engine.module.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().numpy().tobytes())
+    trainable = count_parameters(model)["trainable"]
+    return {"losses": losses, "weights_sha256": digest.hexdigest(), "trainable": trainable,
+            "backward_bytes_per_trainable": counter.traffic.kinds["memory"].bytes / trainable,
+            "reduce_scatter": engine.engine.zero_reduce_scatter()}
+
+
+runtime = build_runtime(bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), [], True, Path(tempfile.mkdtemp())).engine)
+for mode in sys.argv[1:]:
+    stage, _, keep = mode.partition(":")
+    print(json.dumps({"mode": mode, **run(int(stage), keep == "keep", runtime)}), flush=True)

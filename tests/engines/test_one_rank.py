@@ -16,16 +16,21 @@ from engines_launch import env
 DRIVER = Path(__file__).resolve().parent / "one_rank_driver.py"
 
 
-def _run(stage: int, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, str(DRIVER), str(stage), *extra], env=env(), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict]:
+    """Each stage with our config and with DeepSpeed's default, in one process."""
+    modes = ["1", "1:keep", "2", "2:keep"]
+    proc = subprocess.run([sys.executable, str(DRIVER), *modes], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == modes
+    return {r["mode"]: r for r in rows}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_one_rank_reduces_without_reduce_scatter_and_the_same_bits(stage):
-    ours, default = _run(stage), _run(stage, "--keep-reduce-scatter")
+def test_one_rank_reduces_without_reduce_scatter_and_the_same_bits(runs, stage):
+    ours, default = runs[str(stage)], runs[f"{stage}:keep"]
     assert (ours["reduce_scatter"], default["reduce_scatter"]) == (False, True)
     assert ours["losses"] == default["losses"]
     assert len(set(ours["losses"][::2])) == 3  # the weights moved: three different losses on the same batch

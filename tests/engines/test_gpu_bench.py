@@ -63,6 +63,17 @@ def test_the_next_plan_runs_every_variant(tmp_path):
     assert all(line["projected_ms"]["total"] > 0 for line in lines if line["name"].startswith("traffic"))
     assert {"ops_3b_z2.txt", "ops_3b_z2_fused.txt", "versions.txt", "log.txt"} <= {p.name for p in outs[1].iterdir()}
     assert all("torch" in (out / "versions.txt").read_text() for out in outs)
+    # tools/bench_step's line, with and without one pass for both datasets: the same first loss and FLOPs counted,
+    # fewer operators dispatched
+    by_name = {line["name"]: line for line in lines}
+    separate, fused = by_name["3b_z2"], by_name["3b_z2_fused"]
+    for row in (separate, fused):
+        assert row["step_time_s"] > 0 and row["samples_per_s"] > 0 and row["tflop_per_step"] > 0
+        assert row["params_trainable"] < row["params_total"] and row["ops_per_step"] > 100
+    assert fused["fuse_datasets"] and not separate["fuse_datasets"]
+    assert fused["loss_first"] == pytest.approx(separate["loss_first"], rel=1e-5)
+    assert fused["tflop_per_step"] == separate["tflop_per_step"]
+    assert fused["ops_per_step"] < 0.8 * separate["ops_per_step"], (fused["ops_per_step"], separate["ops_per_step"])
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from .checkpoint import TrainState
 EFFECT, REFUSED = "takes effect", "refused"
 
 # -------------------------------------------------------------------------------------------------------- policy
-SCHEDULE = "the lr schedule (optim.schedule_on_resume)"
+SCHEDULE = "the lr schedule, continued or recomputed as optim.schedule_on_resume says"
 STREAM = ("the next samples are prepared so; this epoch's stream goes on from the saved position in the new stream "
           "(a few samples may repeat or be missed until the epoch ends)")
 EXECUTION = "how the step is computed, not what it computes"
@@ -38,11 +38,23 @@ WEIGHTS_HINT = "start from its weights in a new run dir instead (checkpoint.resu
 Verdict = Union[tuple[str, str], Callable[[Any, Any, dict], tuple[str, str]]]
 
 
+def _file_names(v: Union[str, list, None]) -> Optional[list[str]]:
+    """The last path components of a path or list of paths (a moved file keeps its name)."""
+    if not v:
+        return None
+    return [PurePosixPath(str(p).rstrip("/")).name for p in ([v] if isinstance(v, str) else v)]
+
+
 def _shards(old, new, _spec) -> tuple[str, str]:
-    names = lambda v: [PurePosixPath(p).name for p in ([v] if isinstance(v, str) else v)]  # noqa: E731
-    if names(old) == names(new):
+    if _file_names(old) == _file_names(new):
         return EFFECT, "the same shard files read from their new place"
     return REFUSED, "other shards: the saved loader positions count samples of the old ones"
+
+
+def _moved(old, new, _spec) -> tuple[str, str]:
+    if _file_names(old) is not None and _file_names(old) == _file_names(new):
+        return EFFECT, "the same name read from another place (a copy: of_ds does not compare the files)"
+    return REFUSED, "other frozen weights or tokenizer: the checkpoint's trainable weights were trained with the old ones"
 
 
 def _engine_kind(old, new, _spec) -> tuple[str, str]:
@@ -83,6 +95,9 @@ POLICY: list[tuple[str, Verdict]] = [
     ("model.*.cache_dir", (EFFECT, "where hub downloads are cached")),
     ("model.lm.trust_remote_code", (EFFECT, "of_ds builds its model families natively")),
     ("model.lm.attention", (EFFECT, "the attention kernel; " + EXECUTION)),
+    ("model.vision.pretrained", _moved),
+    ("model.lm.name_or_path", _moved),
+    ("model.tokenizer", _moved),
     ("model.*", (REFUSED, "the architecture, the frozen weights or the trainable set: the checkpoint's weights and optimizer state are of the old model")),
     # data, per dataset (datasets added or removed: see spec_changes)
     ("data.datasets.*.kind", (REFUSED, "the dataset's kind decides its samples and loss")),
@@ -164,18 +179,22 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _dataset_names(spec: dict) -> list:
+    return [d.get("name") for d in spec.get("data", {}).get("datasets", [])]
+
+
 def spec_changes(saved: dict, new: dict) -> tuple[list[Change], list[str]]:
     """Every field that differs between the checkpoint's spec dict and this run's, classified; and the fields only
     one of them has (a spec written by another version of of_ds), which are not compared."""
     changes: list[Change] = []
-    names = lambda d: [x.get("name") for x in d.get("data", {}).get("datasets", [])]  # noqa: E731
-    if sorted(names(saved)) != sorted(names(new)):
-        changes.append(Change("data.datasets", names(saved), names(new), REFUSED,
+    old_names, new_names = _dataset_names(saved), _dataset_names(new)
+    if sorted(old_names) != sorted(new_names):
+        changes.append(Change("data.datasets", old_names, new_names, REFUSED,
                               "datasets added or removed: the loader positions and losses are per dataset"))
     old_flat, new_flat = _flatten(saved), _flatten(new)
-    common = set(names(saved)) & set(names(new))
-    in_datasets = lambda f: f.startswith("data.datasets.") and f.split(".")[2] not in common  # noqa: E731
-    unmatched = sorted(f for f in old_flat.keys() ^ new_flat.keys() if not in_datasets(f))
+    common = set(old_names) & set(new_names)
+    unmatched = sorted(f for f in old_flat.keys() ^ new_flat.keys()
+                       if not (f.startswith("data.datasets.") and f.split(".")[2] not in common))  # a dataset's own: above
     for field in new_flat:
         if field in old_flat and old_flat[field] != new_flat[field]:
             changes.append(Change(field, old_flat[field], new_flat[field], *classify(field, old_flat[field], new_flat[field], new)))
@@ -201,7 +220,7 @@ def check_resume(spec: RunSpec, path: Path, runtime: Runtime) -> Optional[dict]:
     if refused:
         problems = [c.line() for c in refused]
         problems.append(f"resume with the checkpoint's values (its {path / 'spec.yaml'}), or {WEIGHTS_HINT.replace('STEP_DIR', str(path))}")
-        raise SpecError(problems, f"(resuming {path}: {len(refused)} field(s) cannot change)")
+        raise SpecError(problems, f"(resuming {path})")
     if runtime.is_main:
         if changes:
             print(f"[of_ds] resuming {path} with {len(changes)} spec change(s) from its spec.yaml:", flush=True)
@@ -253,9 +272,12 @@ def prepare_run_dir(spec: RunSpec, resume_path: Optional[Path], runtime: Runtime
         raise SpecError([
             f"checkpoint.resume={spec.checkpoint.resume}: the run dir {run_dir} already holds a run "
             f"({'; '.join(found)}); {start} there would mix the two runs' metrics and checkpoints",
-            "checkpoint.on_existing: set move_aside (rename it to RUN_DIR.old-<UTC time>) or delete, give another run.name, "
-            "or drop checkpoint.resume=never to continue it",
+            "checkpoint.on_existing: set move_aside (rename it to RUN_DIR.old-<UTC time>) or delete, or give another "
+            f"run.name; or continue that run: {'drop checkpoint.resume=never' if resume_path is None else 'drop checkpoint.resume_from'}",
         ])
+    if found and resume_path is not None and run_dir.resolve() in Path(resume_path).resolve().parents:
+        raise SpecError([f"checkpoint.resume_from: {resume_path} is inside the run dir {run_dir}, which "
+                         f"checkpoint.on_existing={action} would {'delete' if action == 'delete' else 'move'}; copy it elsewhere first"])
     runtime.barrier()  # every rank has looked before rank 0 moves anything
     if found and runtime.is_main:
         if action == "delete":
@@ -299,10 +321,10 @@ def saved_total_steps(saved: dict, micro_steps_per_epoch: int) -> int:
 
 
 def resumed_schedule(old: LrSchedule, new: LrSchedule, step: int, how: str) -> tuple[LrSchedule, str]:
-    """The schedule from `step` on: the checkpoint's `old` where the spec did not change its shape, else `new`
-    (`how`=recompute) or `new`'s shape continued from the multiplier of the last step taken (continue). -> it and a
-    sentence for the log."""
-    if old.same_shape(new):
+    """The schedule from `step` on: the checkpoint's `old` where the spec did not change its shape (and, with `how`=
+    recompute, `old` is not a continued one), else `new` (recompute) or `new`'s shape continued from the multiplier
+    of the last step taken (continue). -> it and a sentence for the log."""
+    if old.same_shape(new) and (old.anchor is None or how == "continue"):
         return old, f"unchanged ({old.describe()})"
     if how == "recompute" or step == 0:
         return new, (f"the spec's schedule anew ({new.describe()}; optim.schedule_on_resume=recompute): multiplier "

@@ -55,6 +55,14 @@ def resume_policy_jobs(runs: Path) -> list[dict]:
     ]
 
 
+def lr_change_jobs(runs: Path) -> list[dict]:
+    """A new optim.lr on resume under ZeRO-3 and DDP (their 4-step runs, still in the demo's 20-step warmup)."""
+    return [
+        job("zero3_lr", ["engine.zero_stage=3", "optim.lr=1e-3"], "zero3.json", copy=(runs / "zero3" / STEP2, runs / "zero3_lr" / STEP2)),
+        job("ddp_lr_longer", ["engine.kind=ddp", "optim.lr=1e-3", "run.max_steps=6"], copy=(runs / "ddp" / STEP2, runs / "ddp_lr_longer" / STEP2)),
+    ]
+
+
 def fused_name(config, sets) -> str:
     return f"fused_{(config or 'ddp').removesuffix('.json')}" + ("_compiled_loss" if "engine.compile=true" in sets else "")
 
@@ -90,6 +98,7 @@ def two_rank(workdir):
         job("zero2", [], "zero2.json"),
         job("resumed", [], "zero2.json", copy=(runs / "zero2" / STEP2, runs / "resumed" / STEP2)),
         job("zero3_from_zero2", ["engine.zero_stage=3"], "zero3.json", copy=(runs / "zero2" / STEP2, runs / "zero3_from_zero2" / STEP2), expect_error=True),
+        *lr_change_jobs(runs),
         *resume_policy_jobs(runs),
     ]
     return launch_runs(workdir, jobs)
@@ -230,6 +239,14 @@ def test_a_new_lr_takes_effect_from_the_resume_step(workdir, two_rank):
     out = two_rank["sched_lr"]["out"]
     assert "optim.lr: 0.003 -> 0.001 (takes effect: the schedule's new peak" in out
     assert "peak 0.003 -> 0.001; the next step's lr 0.001" in out
+
+
+def test_a_new_lr_takes_effect_under_zero3_and_ddp(workdir, two_rank):
+    """In the warmup (lr = peak x step/20 at step s+1) the resumed steps follow the new peak; DDP's run is also
+    extended to 6 steps, which leaves a warmup's multipliers as they were."""
+    assert lrs(workdir, "zero3") == pytest.approx({s: 3e-3 * (s - 1) / 20 for s in range(1, 5)})
+    assert lrs(workdir, "zero3_lr") == pytest.approx({s: 1e-3 * (s - 1) / 20 for s in (3, 4)})
+    assert lrs(workdir, "ddp_lr_longer") == pytest.approx({s: 1e-3 * (s - 1) / 20 for s in range(3, 7)})
 
 
 def test_more_steps_continue_the_decay_without_a_jump(workdir, two_rank):

@@ -72,6 +72,14 @@ def test_engine_verdicts_depend_on_both_sides():
     assert rp.classify("engine.offload_optimizer", "cpu", "nvme", spec)[0] == rp.REFUSED
 
 
+def test_moved_frozen_weights_take_effect_other_ones_are_refused():
+    spec = demo().to_dict()
+    assert rp.classify("model.lm.name_or_path", "demo_data/lm", "/data/copies/lm/", spec)[0] == rp.EFFECT
+    assert rp.classify("model.lm.name_or_path", "anas-awadalla/mpt-1b-redpajama-200b", "/m/mpt-1b-redpajama-200b", spec)[0] == rp.EFFECT
+    assert rp.classify("model.vision.pretrained", "openai", "laion2b_s32b_b82k", spec)[0] == rp.REFUSED
+    assert rp.classify("model.tokenizer", None, "demo_data/tokenizer", spec)[0] == rp.REFUSED
+
+
 def test_datasets_added_or_removed_are_refused():
     old = demo().to_dict()
     new = demo().to_dict()
@@ -148,6 +156,17 @@ def test_a_weights_only_start_into_a_run_dir_is_a_fresh_start(tmp_path):
         rp.before_build(spec, src, RUNTIME)
 
 
+def test_a_weights_only_start_from_inside_the_run_dir_it_would_move_is_refused(tmp_path):
+    spec = demo("checkpoint.resume=never", "checkpoint.on_existing=move_aside", tmp=tmp_path)
+    _write_run(spec)
+    inside = spec.run.run_dir / "checkpoints" / "step-00000004"
+    spec = demo("checkpoint.resume=never", "checkpoint.on_existing=move_aside", f"checkpoint.resume_from={inside}",
+                "checkpoint.load_weights_only=true", tmp=tmp_path)
+    with pytest.raises(SpecError, match="copy it elsewhere first"):
+        rp.before_build(spec, inside, RUNTIME)
+    assert inside.is_dir()
+
+
 def test_a_plain_start_moves_an_attempt_without_checkpoints_aside(tmp_path, capsys):
     spec = demo(tmp=tmp_path)
     spec.run.run_dir.mkdir(parents=True)
@@ -180,6 +199,8 @@ def test_unchanged_shape_keeps_the_checkpoints_schedule():
     anchored = LrSchedule("cosine", 2, 8, anchor=[3, 0.5])
     kept, said = rp.resumed_schedule(anchored, LrSchedule("cosine", 2, 8), 6, "continue")
     assert kept is anchored and said.startswith("unchanged")
+    anew, said = rp.resumed_schedule(anchored, LrSchedule("cosine", 2, 8), 6, "recompute")
+    assert anew.anchor is None and anew(6) == pytest.approx(LrSchedule("cosine", 2, 8)(6)) and "anew" in said
 
 
 def test_a_continued_schedule_is_checkpointed_by_the_scheduler():
@@ -230,3 +251,25 @@ def test_a_checkpoint_without_schedule_state_is_rebuilt_from_its_spec(tmp_path):
     new = demo("optim.warmup_steps=2", "run.max_steps=8", tmp=tmp_path)
     rp.apply_schedule(engine, new, old.to_dict(), TrainState(step=4), 8, 80, RUNTIME)
     assert engine.scheduler.lr_lambdas[0].anchor == [3, pytest.approx(0.5)]
+
+
+@pytest.mark.slow
+def test_a_refused_resume_exits_2_before_the_model_is_built(tmp_path, link_demo_data):
+    """launch/train.py, one process: a resume with another perceiver depth stops with the spec errors' exit code."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engines"))
+    from engines_launch import FAST, launch
+
+    from of_ds.engines.deepspeed_config import resolve_deepspeed_config
+
+    link_demo_data(tmp_path / "demo_data")
+    saved = resolve_deepspeed_config(RunSpec.from_yaml(DEMO, [*FAST, "run.name=arch", "engine.heartbeat_timeout_s=0"]), 1)[1]
+    path = tmp_path / "runs" / "arch" / "checkpoints" / "step-00000004"
+    path.mkdir(parents=True)
+    (path / "spec.yaml").write_text(saved.to_yaml())
+    (path / "COMPLETE").write_text("4\n")
+    proc = launch(tmp_path, "python", "arch", ["model.perceiver.depth=1", "engine.heartbeat_timeout_s=0"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "- model.perceiver.depth: 2 -> 1 (refused: the architecture" in proc.stderr
+    assert "resumed from" not in proc.stdout

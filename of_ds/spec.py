@@ -214,7 +214,11 @@ class EngineSpec(_Section):
 class CheckpointSpec(_Section):
     every_n_steps: int = Field(1000, ge=1, description="Save every N optimizer steps (and always at the end).")
     keep_last: int = Field(2, ge=1, description="Keep the newest K complete checkpoints.")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint in the run dir.")
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: continue from the newest complete checkpoint in the run dir (its spec compared with this "
+        "one). never: start at step 0 (in a run dir that holds a run only with checkpoint.on_existing).",
+    )
     resume_from: Optional[str] = Field(None, description="An explicit checkpoint dir, or an original OpenFlamingo checkpoint.pt.")
     load_weights_only: bool = Field(False, description="With resume_from: load weights, start a fresh optimizer and step 0.")
     allow_pickle: bool = Field(

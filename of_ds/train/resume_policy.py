@@ -327,13 +327,13 @@ def resumed_schedule(old: LrSchedule, new: LrSchedule, step: int, how: str) -> t
     if old.same_shape(new) and (old.anchor is None or how == "continue"):
         return old, f"unchanged ({old.describe()})"
     if how == "recompute" or step == 0:
-        return new, (f"the spec's schedule anew ({new.describe()}; optim.schedule_on_resume=recompute): multiplier "
-                     f"{old(step):.4g} -> {new(step):.4g} at step {step}")
+        return new, (f"the spec's schedule anew ({new.describe()}; optim.schedule_on_resume=recompute): the next "
+                     f"step's multiplier {old(step):.4g} -> {new(step):.4g}")
     a = step - 1
     out = LrSchedule(new.schedule, new.warmup_steps, new.total_steps, anchor=[a, old(a)])
     return out, (f"continues from the last step's multiplier {old(a):.4g} (step {step}) to {new.total_steps} steps "
-                 f"({new.schedule}, warmup {new.warmup_steps}; optim.schedule_on_resume=recompute would use "
-                 f"{new(step):.4g} at step {step + 1})")
+                 f"({new.schedule}, warmup {new.warmup_steps}; optim.schedule_on_resume=recompute would give the "
+                 f"next step {new(step):.4g})")
 
 
 def apply_schedule(engine, spec: RunSpec, saved: Optional[dict], state: TrainState, total_steps: int,

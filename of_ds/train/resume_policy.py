@@ -73,12 +73,14 @@ def _zero_stage(old, new, spec) -> tuple[str, str]:
 
 
 def _offload(what: str) -> Callable[[Any, Any, dict], tuple[str, str]]:
+    pronoun = "them" if what == "parameters" else "it"
+
     def verdict(old, new, _spec) -> tuple[str, str]:
         if "nvme" in (old, new):
             where = {True: "on NVMe", False: "not on NVMe"}
-            return REFUSED, (f"saved with the {what} {where[old == 'nvme']}, but this run keeps it {where[new == 'nvme']}: "
-                             "NVMe state is saved and loaded only with NVMe offload")
-        return EFFECT, "where DeepSpeed keeps it; the saved partitions are the same"
+            return REFUSED, (f"saved with the {what} {where[old == 'nvme']}, but this run keeps {pronoun} "
+                             f"{where[new == 'nvme']}: NVMe state is saved and loaded only with NVMe offload")
+        return EFFECT, f"where DeepSpeed keeps {pronoun}; the saved partitions are the same"
 
     return verdict
 
@@ -165,22 +167,32 @@ def _show(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip() if isinstance(v, (dict, list)) else repr(v)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        elif key == "data.datasets" and isinstance(v, list):
-            for entry in v:
-                out.update(_flatten(entry, f"{key}.{entry.get('name')}."))
-        else:
-            out[key] = v
-    return out
-
-
 def _dataset_names(spec: dict) -> list:
     return [d.get("name") for d in spec.get("data", {}).get("datasets", [])]
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """(field, old, new) of every differing leaf, a section present on one side only counting as one leaf; and the
+    fields only one side has. Datasets are matched by name (data.datasets.<name>.<field>)."""
+    differ, unmatched = [], []
+    for k in [*old, *(k for k in new if k not in old)]:
+        key = f"{prefix}{k}"
+        if k not in old or k not in new:
+            unmatched.append(key)
+        elif key == "data.datasets":
+            before = {d.get("name"): d for d in old[k]}
+            for d in new[k]:
+                if d.get("name") in before:
+                    sub_differ, sub_unmatched = _diff(before[d.get("name")], d, f"{key}.{d.get('name')}.")
+                    differ += sub_differ
+                    unmatched += sub_unmatched
+        elif isinstance(old[k], dict) and isinstance(new[k], dict):
+            sub_differ, sub_unmatched = _diff(old[k], new[k], key + ".")
+            differ += sub_differ
+            unmatched += sub_unmatched
+        elif old[k] != new[k]:
+            differ.append((key, old[k], new[k]))
+    return differ, unmatched
 
 
 def spec_changes(saved: dict, new: dict) -> tuple[list[Change], list[str]]:
@@ -191,14 +203,9 @@ def spec_changes(saved: dict, new: dict) -> tuple[list[Change], list[str]]:
     if sorted(old_names) != sorted(new_names):
         changes.append(Change("data.datasets", old_names, new_names, REFUSED,
                               "datasets added or removed: the loader positions and losses are per dataset"))
-    old_flat, new_flat = _flatten(saved), _flatten(new)
-    common = set(old_names) & set(new_names)
-    unmatched = sorted(f for f in old_flat.keys() ^ new_flat.keys()
-                       if not (f.startswith("data.datasets.") and f.split(".")[2] not in common))  # a dataset's own: above
-    for field in new_flat:
-        if field in old_flat and old_flat[field] != new_flat[field]:
-            changes.append(Change(field, old_flat[field], new_flat[field], *classify(field, old_flat[field], new_flat[field], new)))
-    return changes, unmatched
+    differ, unmatched = _diff(saved, new)
+    changes += [Change(field, old, value, *classify(field, old, value, new)) for field, old, value in differ]
+    return changes, sorted(unmatched)
 
 
 def saved_spec(path: Path) -> Optional[dict]:

@@ -32,10 +32,27 @@ def checkpoint_of(spec: RunSpec, step: int = 4) -> Path:
     return path
 
 
+def leaves(d: dict, prefix: str = "") -> dict:
+    """Dotted field -> value, datasets by name, as the policy names them."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(leaves(v, key + "."))
+        elif key == "data.datasets":
+            for entry in v:
+                out.update(leaves(entry, f"{key}.{entry['name']}."))
+        else:
+            out[key] = v
+    return out
+
+
 def test_every_spec_field_has_a_resume_policy():
     """A new spec field must be placed in POLICY (and so in the README's table), never fall through to UNKNOWN."""
     spec = demo().to_dict()
-    for field, value in rp._flatten(spec).items():
+    fields = leaves(spec)
+    assert "data.datasets.mmc4.max_images" in fields and "optim.schedule_on_resume" in fields
+    for field, value in fields.items():
         assert rp.classify(field, value, value, spec) != rp.UNKNOWN, field
 
 
@@ -78,6 +95,15 @@ def test_moved_frozen_weights_take_effect_other_ones_are_refused():
     assert rp.classify("model.lm.name_or_path", "anas-awadalla/mpt-1b-redpajama-200b", "/m/mpt-1b-redpajama-200b", spec)[0] == rp.EFFECT
     assert rp.classify("model.vision.pretrained", "openai", "laion2b_s32b_b82k", spec)[0] == rp.REFUSED
     assert rp.classify("model.tokenizer", None, "demo_data/tokenizer", spec)[0] == rp.REFUSED
+
+
+def test_a_section_set_on_one_side_only_is_one_change():
+    old = demo().to_dict()
+    new = demo().to_dict()
+    old["model"]["lm"]["config"] = None
+    new["model"]["lm"]["config"] = {"model_type": "llama", "num_hidden_layers": 4}
+    (change,), unmatched = rp.spec_changes(old, new)
+    assert (change.field, change.verdict, unmatched) == ("model.lm.config", rp.REFUSED, [])
 
 
 def test_datasets_added_or_removed_are_refused():

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Optional, Union
 
+import torch
 import yaml
 
 from ..engines.optim import LrSchedule
@@ -285,17 +286,25 @@ def prepare_run_dir(spec: RunSpec, resume_path: Optional[Path], runtime: Runtime
     if found and resume_path is not None and run_dir.resolve() in Path(resume_path).resolve().parents:
         raise SpecError([f"checkpoint.resume_from: {resume_path} is inside the run dir {run_dir}, which "
                          f"checkpoint.on_existing={action} would {'delete' if action == 'delete' else 'move'}; copy it elsewhere first"])
+    if not found:
+        return
     runtime.barrier()  # every rank has looked before rank 0 moves anything
-    if found and runtime.is_main:
-        if action == "delete":
-            shutil.rmtree(run_dir)
-            print(f"[of_ds] deleted the earlier run in {run_dir} ({'; '.join(found)}; checkpoint.on_existing=delete)", flush=True)
-        else:
-            aside = _aside_name(run_dir)
-            run_dir.rename(aside)
-            why = "checkpoint.on_existing=move_aside" if spec.checkpoint.on_existing == "move_aside" else "no checkpoint to resume"
-            print(f"[of_ds] moved the earlier run in {run_dir} ({'; '.join(found)}) aside to {aside} ({why})", flush=True)
-    runtime.barrier()
+    failed = None
+    if runtime.is_main:
+        try:
+            if action == "delete":
+                shutil.rmtree(run_dir)
+                print(f"[of_ds] deleted the earlier run in {run_dir} ({'; '.join(found)}; checkpoint.on_existing=delete)", flush=True)
+            else:
+                aside = _aside_name(run_dir)
+                run_dir.rename(aside)
+                why = "checkpoint.on_existing=move_aside" if spec.checkpoint.on_existing == "move_aside" else "no checkpoint to resume"
+                print(f"[of_ds] moved the earlier run in {run_dir} ({'; '.join(found)}) aside to {aside} ({why})", flush=True)
+        except OSError as e:  # the other ranks wait in the all-reduce below: tell them, then fail together
+            failed = e
+    if bool(runtime.any_rank(torch.tensor(failed is not None))):
+        raise OSError(f"checkpoint.on_existing={action}: rank 0 could not {'delete' if action == 'delete' else 'move'} "
+                      f"{run_dir}{f': {failed}' if failed else ''}")
 
 
 def _aside_name(run_dir: Path) -> Path:

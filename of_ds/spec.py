@@ -151,6 +151,13 @@ class OptimSpec(_Section):
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 disables.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    schedule_on_resume: Literal["continue", "recompute"] = Field(
+        "continue",
+        description="When a resume changes the schedule's horizon or shape (run.max_steps, run.epochs, schedule, "
+        "warmup_steps): continue goes on from the lr multiplier of the last step taken to the new end (no jump); "
+        "recompute uses this spec's schedule over the new horizon from the start, as a fresh run would be at this "
+        "step (the lr may jump).",
+    )
     fused: bool = Field(True, description="Fused AdamW kernel (CUDA, CPU): faster, and it skips a non-finite update on the device, without a host sync per step.")
 
 
@@ -207,7 +214,11 @@ class EngineSpec(_Section):
 class CheckpointSpec(_Section):
     every_n_steps: int = Field(1000, ge=1, description="Save every N optimizer steps (and always at the end).")
     keep_last: int = Field(2, ge=1, description="Keep the newest K complete checkpoints.")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint in the run dir.")
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: continue from the newest complete checkpoint in the run dir (its spec compared with this "
+        "one). never: start at step 0 (in a run dir that holds a run only with checkpoint.on_existing).",
+    )
     resume_from: Optional[str] = Field(None, description="An explicit checkpoint dir, or an original OpenFlamingo checkpoint.pt.")
     load_weights_only: bool = Field(False, description="With resume_from: load weights, start a fresh optimizer and step 0.")
     allow_pickle: bool = Field(
@@ -215,6 +226,12 @@ class CheckpointSpec(_Section):
         description="Read checkpoint files this run did not write (resume_from, an original checkpoint.pt, another "
         "run's folder) with full unpickling, which can run code a file contains. false: tensors and plain containers "
         "only; a file needing more is refused, naming it.",
+    )
+    on_existing: Literal["refuse", "move_aside", "delete"] = Field(
+        "refuse",
+        description="A start at step 0 (resume: never, a weights-only start, or another run's checkpoint) in a run "
+        "dir that holds a run (checkpoints or metrics.jsonl): refuse names the dir; move_aside renames it to "
+        "RUN_DIR.old-<UTC time> and starts in an empty one; delete removes it first.",
     )
     original_optimizer: Literal["fresh", "carry"] = Field(
         "fresh",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -69,22 +69,53 @@ def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         scheduler.step()
 
 
+class LrSchedule:
+    """Multiplier of the peak lr at optimizer step `s`: HF's constant/linear/cosine with warmup; or, with `anchor`
+    [a, m] (a resume that changed the schedule's horizon or shape), the same shape continued from multiplier `m` at
+    step `a`: on up to 1 at the end of warmup if `a` is inside it, then from there down to 0 at `total_steps`
+    (constant: held). A callable object, not a closure: LambdaLR checkpoints its attributes, so a continued schedule
+    survives later resumes. `checkpointed` is set before the first step; a schedule loaded from a checkpoint that
+    predates schedule state keeps False (of_ds/train/resume_policy.py rebuilds it from that checkpoint's spec)."""
+
+    def __init__(self, schedule: str, warmup_steps: int, total_steps: int, anchor: Optional[list] = None):
+        self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
+        self.anchor = list(anchor) if anchor is not None else None
+        self.checkpointed = False
+
+    def same_shape(self, other: "LrSchedule") -> bool:
+        return (self.schedule, self.warmup_steps, self.total_steps) == (other.schedule, other.warmup_steps, other.total_steps)
+
+    def describe(self) -> str:
+        shape = f"{self.schedule}, warmup {self.warmup_steps}, {self.total_steps} steps"
+        return shape if self.anchor is None else f"{shape}, continued from {self.anchor[1]:.4g} at step {self.anchor[0]}"
+
+    def __call__(self, s: int) -> float:
+        w, total = self.warmup_steps, self.total_steps
+        if self.anchor is None:
+            if s < w:
+                return s / max(1, w)
+            start, m = w, 1.0
+        else:
+            a, m = self.anchor
+            if s < w:  # the anchor is inside warmup: ramp on from it
+                return m + (1.0 - m) * max(0, s - a) / max(1, w - a)
+            start, m = (a, m) if a >= w else (w, 1.0)
+        if self.schedule == "constant":
+            return m
+        progress = max(0, s - start) / max(1, total - start)
+        if self.schedule == "linear":
+            return m * max(0.0, 1.0 - progress)
+        return m * max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step `s` (HF's constant/linear/cosine with warmup)."""
-
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return s / max(1, warmup_steps)
-        if schedule == "constant":
-            return 1.0
-        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-    return f
+    return LrSchedule(schedule, warmup_steps, total_steps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """`total_steps` is in optimizer steps (accumulation already divided out: the original's bug B5)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total_steps))
+    """`total_steps` is in optimizer steps (accumulation already divided out: the original's bug B5). One schedule
+    object per parameter group, as LambdaLR checkpoints one state per group."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [LrSchedule(spec.schedule, spec.warmup_steps, total_steps) for _ in optimizer.param_groups]
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..runtime import Runtime
 from ..spec import RunSpec
-from . import session
+from . import resume_policy, session
 from .checkpoint import TrainState
 
 
@@ -32,17 +32,19 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     if runtime.is_main:
         session.maybe_make_demo_data(spec)
     runtime.barrier()
+    run_dir = spec.run.run_dir
+    checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
+    resume_path = session.find_resume_point(spec, checkpoints)
+    saved_spec = resume_policy.before_build(spec, resume_path, runtime)  # run dir; a resume's spec diff
     session.seed_everything(spec.run.seed)  # after the demo data: the model's init is the seed's alone
     model, _, tokenizer = build_flamingo(spec.model)
     data = build_train_data(spec, tokenizer, image_processor_config(model), runtime, pin_memory=runtime.device.type == "cuda")
     total_steps = session.total_optimizer_steps(spec, data.steps_per_epoch)
-    run_dir = spec.run.run_dir
-    checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
-    resume_path = session.find_resume_point(spec, checkpoints)
     session.load_start_weights(model, resume_path, spec)  # weights only: before the engine wraps the model
     universal = session.universal_resume(resume_path, spec, ds_config, runtime)  # ZeRO saved by another number of ranks
     engine = build_engine(model, spec, runtime, total_steps, ds_config)
     state = session.resume(engine, data, checkpoints, resume_path, spec, runtime, universal)
+    resume_policy.apply_schedule(engine, spec, saved_spec, state, total_steps, data.steps_per_epoch, runtime)
     metrics = Metrics(spec, runtime, run_dir, total_steps, session.step_flops(spec) if runtime.device.type == "cuda" else None)
     try:
         state = train_loop(engine, data, spec, runtime, checkpoints, metrics, state, total_steps)

@@ -35,6 +35,32 @@ FUSED = [  # (ds_config, sets) of test_one_pass_for_both_datasets_matches_separa
     ("zero3.json", ["engine.zero_stage=3", "engine.compile=true", "engine.compile_targets=[loss]"]),
 ]
 NVME_SETS = ["engine.zero_stage=3", "engine.offload_param=nvme", "engine.offload_optimizer=nvme"]
+SCHED = ["optim.warmup_steps=2"]  # the demo's cosine with a warmup short enough to decay within 4 steps
+STEP4 = Path("checkpoints") / "step-00000004"
+
+
+def resume_policy_jobs(runs: Path) -> list[dict]:
+    """A 4-step cosine run and what a user does with it next: resume with a new lr, extend it (twice), resume with
+    another architecture, start afresh in its run dir (refused, then with the old run moved aside). Last in a
+    launch: the fresh start takes the run dir over."""
+    return [
+        job("sched", SCHED, "zero2.json"),
+        job("sched_lr", [*SCHED, "optim.lr=1e-3"], "zero2.json", copy=(runs / "sched" / STEP2, runs / "sched_lr" / STEP2)),
+        job("sched_longer", [*SCHED, "run.max_steps=8"], "zero2.json", copy=(runs / "sched" / STEP4, runs / "sched_longer" / STEP4)),
+        job("sched_longer_again", [*SCHED, "run.max_steps=8"], "zero2.json",
+            copy=(runs / "sched_longer" / "checkpoints" / "step-00000006", runs / "sched_longer_again" / "checkpoints" / "step-00000006")),
+        job("sched_arch", [*SCHED, "model.perceiver.depth=1"], "zero2.json", copy=(runs / "sched" / STEP2, runs / "sched_arch" / STEP2), expect_error=True),
+        job("sched_never", [*SCHED, "run.name=sched", "checkpoint.resume=never"], "zero2.json", expect_error=True),
+        job("sched_fresh", [*SCHED, "run.name=sched", "checkpoint.resume=never", "checkpoint.on_existing=move_aside", "run.max_steps=2"], "zero2.json"),
+    ]
+
+
+def lr_change_jobs(runs: Path) -> list[dict]:
+    """A new optim.lr on resume under ZeRO-3 and DDP (their 4-step runs, still in the demo's 20-step warmup)."""
+    return [
+        job("zero3_lr", ["engine.zero_stage=3", "optim.lr=1e-3"], "zero3.json", copy=(runs / "zero3" / STEP2, runs / "zero3_lr" / STEP2)),
+        job("ddp_lr_longer", ["engine.kind=ddp", "optim.lr=1e-3", "run.max_steps=6"], copy=(runs / "ddp" / STEP2, runs / "ddp_lr_longer" / STEP2)),
+    ]
 
 
 def fused_name(config, sets) -> str:
@@ -72,6 +98,8 @@ def two_rank(workdir):
         job("zero2", [], "zero2.json"),
         job("resumed", [], "zero2.json", copy=(runs / "zero2" / STEP2, runs / "resumed" / STEP2)),
         job("zero3_from_zero2", ["engine.zero_stage=3"], "zero3.json", copy=(runs / "zero2" / STEP2, runs / "zero3_from_zero2" / STEP2), expect_error=True),
+        *lr_change_jobs(runs),
+        *resume_policy_jobs(runs),
     ]
     return launch_runs(workdir, jobs)
 
@@ -192,6 +220,85 @@ def test_exact_resume(workdir, two_rank):
     """Restart from the step-2 checkpoint of the 4-step run: steps 3-4 repeat exactly."""
     assert "resumed from" in two_rank["resumed"]["out"]
     assert_repeats_steps_3_and_4(losses(workdir, "resumed"), losses(workdir, "zero2"))
+
+
+def lrs(workdir: Path, name: str) -> dict[int, float]:
+    return {step: row["lr"] for step, row in losses(workdir, name).items()}
+
+
+def old_run(workdir: Path, name: str) -> Path:
+    (aside,) = (workdir / "runs").glob(f"{name}.old-*")
+    return aside
+
+
+def test_a_new_lr_takes_effect_from_the_resume_step(workdir, two_rank):
+    """optim.lr 3e-3 -> 1e-3 on resume at step 2: steps 3-4 follow the same schedule at the new peak."""
+    base = {s: r["lr"] for s, r in _rows(old_run(workdir, "sched")).items()}
+    assert base == pytest.approx({1: 0.0, 2: 1.5e-3, 3: 3e-3, 4: 1.5e-3})
+    assert lrs(workdir, "sched_lr") == pytest.approx({3: 1e-3, 4: 0.5e-3})
+    out = two_rank["sched_lr"]["out"]
+    assert "optim.lr: 0.003 -> 0.001 (takes effect: the schedule's new peak" in out
+    assert "peak 0.003 -> 0.001; the next step's lr 0.001" in out
+
+
+def test_a_new_lr_takes_effect_under_zero3_and_ddp(workdir, two_rank):
+    """In the warmup (lr = peak x step/20 at step s+1) the resumed steps follow the new peak; DDP's run is also
+    extended to 6 steps, which leaves a warmup's multipliers as they were."""
+    assert lrs(workdir, "zero3") == pytest.approx({s: 3e-3 * (s - 1) / 20 for s in range(1, 5)})
+    assert lrs(workdir, "zero3_lr") == pytest.approx({s: 1e-3 * (s - 1) / 20 for s in (3, 4)})
+    assert lrs(workdir, "ddp_lr_longer") == pytest.approx({s: 1e-3 * (s - 1) / 20 for s in range(3, 7)})
+
+
+def test_more_steps_continue_the_decay_without_a_jump(workdir, two_rank):
+    """run.max_steps 4 -> 8 on the finished cosine run: the lr goes on down from the last step's (1.5e-3) to 0 at
+    step 8, never back up; the continued schedule is in the checkpoints (a second resume at step 6 repeats it)."""
+    import math
+
+    got = lrs(workdir, "sched_longer")
+    want = {k: 3e-3 * 0.5 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 5)) for k in range(5, 9)}
+    assert got == pytest.approx(want)
+    assert all(a > b for a, b in zip([1.5e-3, *got.values()], got.values()))
+    assert "lr schedule at step 4: continues from the last step's multiplier 0.5" in two_rank["sched_longer"]["out"]
+    assert "run.max_steps: 4 -> 8 (takes effect" in two_rank["sched_longer"]["out"]
+    again, first = losses(workdir, "sched_longer_again"), losses(workdir, "sched_longer")
+    assert {s: r["lr"] for s, r in again.items()} == pytest.approx({7: want[7], 8: want[8]})
+    assert_repeats(again, first, (7, 8))
+    assert "lr schedule at step 6: unchanged" in two_rank["sched_longer_again"]["out"]
+
+
+def test_an_architecture_change_is_refused_naming_the_field(two_rank):
+    err = two_rank["sched_arch"]["err"]
+    assert err.startswith("SpecError: ") and "model.perceiver.depth: 2 -> 1 (refused" in err
+    assert "resumed from" not in two_rank["sched_arch"]["out"]
+
+
+def test_a_fresh_start_never_mixes_runs(workdir, two_rank):
+    """resume=never on the sched run's dir: refused naming the dir and the flag; with on_existing=move_aside the
+    old run is moved whole, and the run dir holds the new run's history only (metrics, checkpoints, latest, summary)."""
+    err = two_rank["sched_never"]["err"]
+    assert f"the run dir {Path('runs') / 'sched'} already holds a run" in err and "checkpoint.on_existing" in err
+    run_dir, aside = workdir / "runs" / "sched", old_run(workdir, "sched")
+    assert sorted(_rows(aside)) == [1, 2, 3, 4] and (aside / STEP4 / "COMPLETE").is_file()
+    fresh = _rows(run_dir)
+    assert sorted(fresh) == [1, 2]
+    assert_repeats(fresh, _rows(aside), (1, 2))  # the same seed: the same first steps
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000002"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    out = two_rank["sched_fresh"]["out"]
+    assert f"aside to {Path('runs') / aside.name}" in out and "(latest: step-00000002)" in out
+
+
+def _rows(run_dir: Path) -> dict[int, dict]:
+    import json
+
+    return {r["step"]: r for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip())}
+
+
+def assert_repeats(got: dict, ref: dict, steps) -> None:
+    assert sorted(got) == list(steps)
+    for s in steps:
+        for k in KEYS:
+            assert got[s][k] == pytest.approx(ref[s][k], rel=1e-6), (s, k)
 
 
 @pytest.mark.parametrize("run", ["zero2", "zero3"])

@@ -34,6 +34,7 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     runtime.barrier()
     run_dir = spec.run.run_dir
     checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
+    spec = session.prefer_own_checkpoint(spec, checkpoints)  # a requeued command continues its run
     resume_path = session.find_resume_point(spec, checkpoints)
     saved_spec = resume_policy.before_build(spec, resume_path, runtime)  # run dir; a resume's spec diff
     session.seed_everything(spec.run.seed)  # after the demo data: the model's init is the seed's alone

@@ -91,6 +91,25 @@ def step_flops(spec: RunSpec) -> Optional[float]:
         return None
 
 
+def prefer_own_checkpoint(spec: RunSpec, checkpoints: CheckpointManager) -> RunSpec:
+    """With `resume: auto`, this run's own newest checkpoint wins over a `checkpoint.resume_from` outside the run
+    dir (another run's step, an original `checkpoint.pt`, weights only or not): the same command started again (a
+    scheduler's requeue after a preemption) continues the run instead of starting it over. A `resume_from` inside
+    the run dir (going back to an earlier step) is read as given. -> the spec the run continues with."""
+    src = spec.checkpoint.resume_from
+    if not src or spec.checkpoint.resume != "auto":
+        return spec
+    run_dir, path = spec.run.run_dir.resolve(), Path(src).resolve()
+    own = checkpoints.latest()
+    if own is None or path == run_dir or run_dir in path.parents:
+        return spec
+    if checkpoints.runtime.is_main:
+        print(f"[of_ds] checkpoint.resume_from={src} is not read: the run dir holds this run's own checkpoint {own.name}, "
+              f"which continues it (checkpoint.resume=never with checkpoint.on_existing starts over)", flush=True)
+    update = {"resume_from": None, "load_weights_only": False}
+    return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update=update)})
+
+
 def find_resume_point(spec: RunSpec, checkpoints: CheckpointManager) -> Optional[Path]:
     """An explicit `checkpoint.resume_from` (step folder, run dir), else the newest complete one in this run."""
     src = spec.checkpoint.resume_from

@@ -201,6 +201,28 @@ def test_a_plain_start_moves_an_attempt_without_checkpoints_aside(tmp_path, caps
     assert not spec.run.run_dir.exists() and "no checkpoint to resume" in capsys.readouterr().out
 
 
+def test_a_requeued_command_continues_its_own_run_not_resume_from(tmp_path, capsys):
+    """The same command started again after a preemption: the run's own checkpoint wins over a resume_from outside the
+    run dir (weights only or not), so the run continues; one inside the run dir (going back) is read as given."""
+    from of_ds.train.checkpoint import CheckpointManager
+    from of_ds.train.session import find_resume_point, prefer_own_checkpoint
+
+    src = checkpoint_of(demo("run.name=other", tmp=tmp_path))
+    spec = demo(f"checkpoint.resume_from={src}", "checkpoint.load_weights_only=true", tmp=tmp_path)
+    checkpoints = CheckpointManager(spec.run.run_dir, 2, 2, RUNTIME)
+    assert prefer_own_checkpoint(spec, checkpoints) is spec  # the first start: nothing of its own yet
+    _write_run(spec)
+    again = prefer_own_checkpoint(spec, checkpoints)
+    own = spec.run.run_dir / "checkpoints" / "step-00000004"
+    assert (again.checkpoint.resume_from, again.checkpoint.load_weights_only) == (None, False)
+    assert find_resume_point(again, checkpoints) == own and rp.before_build(again, own, RUNTIME) is not None
+    assert f"checkpoint.resume_from={src} is not read" in capsys.readouterr().out
+    earlier = checkpoint_of(spec, 2)
+    back = demo(f"checkpoint.resume_from={earlier}", tmp=tmp_path)
+    assert prefer_own_checkpoint(back, checkpoints) is back and find_resume_point(back, checkpoints) == earlier
+    assert prefer_own_checkpoint(demo(f"checkpoint.resume_from={src}", "checkpoint.resume=never", tmp=tmp_path), checkpoints).checkpoint.resume_from == str(src)
+
+
 def test_a_resume_of_its_own_checkpoint_keeps_the_run_dir(tmp_path):
     spec = demo(tmp=tmp_path)
     _write_run(spec)

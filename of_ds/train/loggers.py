@@ -105,7 +105,11 @@ class ConsoleSink:
 
 
 class WandbSink:
-    """One wandb run per run dir: its id is made once and kept in RUN_DIR/wandb_id; a resume continues it."""
+    """One wandb run per run dir: its id is made once and kept in RUN_DIR/wandb_id; a resume continues it.
+
+    wandb logs through a service process of its own, a child of rank 0. A signal sent to the whole process tree (a
+    launcher forwarding SIGTERM, a scheduler's preemption) ends it while the run goes on to its checkpoint; from
+    then on wandb's calls fail, so the sink says so once and stops, and the other sinks go on."""
 
     def __init__(self, spec: RunSpec, run_dir: Path):
         import wandb
@@ -113,12 +117,24 @@ class WandbSink:
         w = spec.logging.wandb
         self.run = wandb.init(project=w.project or "of_ds", entity=w.entity, name=spec.run.name, mode=w.mode,
                               dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", config=spec.to_dict())
+        self.lost: Optional[str] = None
 
     def log(self, row: dict) -> None:
-        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        self._call(self.run.log, {k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def close(self) -> None:
-        self.run.finish()
+        self._call(self.run.finish)
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if self.lost is not None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except (ConnectionError, BrokenPipeError) as e:  # its service process is gone
+            self.lost = f"{type(e).__name__}: {e}"
+            print(f"[of_ds] wandb stopped logging ({self.lost}: its service process ended, e.g. on a signal to the "
+                  f"whole process tree); metrics.jsonl and the other sinks go on, and the next start continues the "
+                  f"wandb run", file=sys.stderr, flush=True)
 
 
 def wandb_run_id(run_dir: Path) -> str:

@@ -1,9 +1,9 @@
 """A run's life on 2 CPU ranks (DeepSpeed ZeRO-2, the demo data): launch/train.py under the deepspeed launcher is
-sent SIGTERM mid-run (to rank 1 alone: a signal that reaches some ranks only), stops every rank at a checkpoint and
-exits 0; its resume then repeats an uninterrupted run exactly. The run logs to wandb (offline) and TensorBoard and
-keeps RUN_DIR/train.log and RUN_DIR/summary.json, all checked on disk.
+sent SIGTERM mid-run, to rank 1 alone (a signal that reaches some ranks only) or to DeepSpeed's launcher (`kill` as
+users send it); every rank stops at a checkpoint, and the resume repeats an uninterrupted run exactly. The runs log
+to wandb (offline) and TensorBoard and keep RUN_DIR/train.log and RUN_DIR/summary.json, all checked on disk.
 
-Two launches: the signalled one, then the uninterrupted reference and the resume in one `launch_runs`."""
+Three launches: the two signalled ones, then the uninterrupted reference and both resumes in one `launch_runs`."""
 
 from __future__ import annotations
 
@@ -38,12 +38,15 @@ def workdir(tmp_path_factory, link_demo_data):
     return d
 
 
-@pytest.fixture(scope="module")
-def signalled(workdir):
-    """Run `sig` under the deepspeed launcher and SIGTERM its rank 1 once step SIGNAL_AT is logged.
-    -> what the stopped run left: returncode, seconds from the signal to the exit, output, summary, checkpoints."""
-    run_dir = workdir / "runs" / "sig"
-    cmd = launch_command("deepspeed", "sig", [*SETS, *TRACKING], "zero2.json")
+def run_and_signal(workdir: Path, name: str, to: str) -> dict:
+    """Run NAME under the deepspeed launcher and, once step SIGNAL_AT is logged, SIGTERM `to`: "rank1" (its pid
+    from RUN_DIR/ranks/rank1.json) or "launcher" (the launcher's `python -m deepspeed.launcher.launch`, which
+    forwards it). -> what the stopped run left: returncode, seconds from the signal to the exit, output, summary,
+    complete checkpoints, metrics rows."""
+    import psutil
+
+    run_dir = workdir / "runs" / name
+    cmd = launch_command("deepspeed", name, [*SETS, *TRACKING], "zero2.json")
     proc = subprocess.Popen(cmd, cwd=workdir, env={**env(), "WANDB_SILENT": "true"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline, sent = time.monotonic() + 600, None
@@ -51,7 +54,11 @@ def signalled(workdir):
         while sent is None and proc.poll() is None and time.monotonic() < deadline:
             metrics = run_dir / "metrics.jsonl"
             if metrics.is_file() and any(r["step"] >= SIGNAL_AT for r in rows_of(metrics)):
-                pid = json.loads((run_dir / "ranks" / "rank1.json").read_text())["pid"]
+                if to == "rank1":
+                    pid = json.loads((run_dir / "ranks" / "rank1.json").read_text())["pid"]
+                else:
+                    (launcher,) = [p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+                    pid = launcher.pid
                 os.kill(pid, signal.SIGTERM)
                 sent = time.monotonic()
             time.sleep(0.05)
@@ -67,30 +74,53 @@ def signalled(workdir):
 
 
 @pytest.fixture(scope="module")
+def signalled(workdir):
+    """`sig`: SIGTERM to rank 1 alone; `sig_launcher`: SIGTERM to DeepSpeed's per-node launcher (`kill` as users
+    send it), which forwards it to every rank's process tree, wandb's service process included."""
+    return {"sig": run_and_signal(workdir, "sig", "rank1"), "sig_launcher": run_and_signal(workdir, "sig_launcher", "launcher")}
+
+
+@pytest.fixture(scope="module")
 def resumed(workdir, signalled):
-    """The uninterrupted reference `ref` and the resume of `sig`, in one launch."""
-    return launch_runs(workdir, [job("ref", SETS, "zero2.json"), job("sig", [*SETS, *TRACKING], "zero2.json")])
+    """The uninterrupted reference `ref` and the resumes of the signalled runs, in one launch."""
+    return launch_runs(workdir, [job("ref", SETS, "zero2.json"), *(job(name, [*SETS, *TRACKING], "zero2.json") for name in signalled)])
+
+
+def assert_stopped_at_a_checkpoint(stopped: dict) -> int:
+    """-> the step it stopped at: mid-run, after the signal, checkpointed (COMPLETE) and logged."""
+    stop = stopped["summary"]["step"]
+    assert stopped["seconds"] < STOP_WITHIN_S
+    assert SIGNAL_AT <= stop < STEPS
+    assert f"step-{stop:08d}" in stopped["checkpoints"]
+    assert [r["step"] for r in stopped["rows"]] == list(range(1, stop + 1))  # the stop step is logged too
+    return stop
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_a_checkpoint_and_exits_0(signalled):
-    s = signalled["summary"]
-    stop = s["step"]
-    assert signalled["rc"] == 0, signalled["out"][-4000:]
-    assert signalled["seconds"] < STOP_WITHIN_S
-    assert SIGNAL_AT <= stop < STEPS  # stopped mid-run, at a step after the signal
-    assert f"step-{stop:08d}" in signalled["checkpoints"]  # a complete checkpoint (COMPLETE written) of that step
-    assert [r["step"] for r in signalled["rows"]] == list(range(1, stop + 1))  # the stop step is logged too
-    assert (s["stopped"], s["detail"]) == ("signal", f"received by another rank; checkpoint at step {stop}")
-    assert "received by another rank" in signalled["out"]
+    stopped = signalled["sig"]
+    stop = assert_stopped_at_a_checkpoint(stopped)
+    assert stopped["rc"] == 0, stopped["out"][-4000:]  # every rank exited 0: DeepSpeed's launch.py exits 0 then
+    assert (stopped["summary"]["stopped"], stopped["summary"]["detail"]) == ("signal", f"received by another rank; checkpoint at step {stop}")
 
 
-def test_the_resume_repeats_the_uninterrupted_run(workdir, signalled, resumed):
+def test_sigterm_to_deepspeeds_launcher_stops_at_a_checkpoint_although_wandb_goes(signalled):
+    """DeepSpeed's launch.py SIGTERMs each rank's process tree in turn (rank 0 first, waiting for it) and exits 1
+    itself; wandb's service process, a child of rank 0, ends with it: logging goes on without wandb."""
+    stopped = signalled["sig_launcher"]
+    stop = assert_stopped_at_a_checkpoint(stopped)
+    assert stopped["rc"] == 1, stopped["out"][-4000:]
+    assert (stopped["summary"]["stopped"], stopped["summary"]["detail"]) == ("signal", f"SIGTERM; checkpoint at step {stop}")
+    assert "[of_ds] wandb stopped logging (ConnectionResetError" in stopped["out"]
+
+
+@pytest.mark.parametrize("name", ["sig", "sig_launcher"])
+def test_the_resume_repeats_the_uninterrupted_run(workdir, signalled, resumed, name):
     """Every step's losses after the SIGTERM stop and resume equal the uninterrupted run's; no step is logged twice."""
-    stop = signalled["summary"]["step"]
-    assert f"resumed from {workdir / 'runs' / 'sig' / 'checkpoints' / f'step-{stop:08d}'}" in resumed["sig"]["out"]
-    sig, ref = rows_of(workdir / "runs" / "sig" / "metrics.jsonl"), losses(workdir, "ref")
-    assert [r["step"] for r in sig] == list(range(1, STEPS + 1)) == sorted(ref)
-    for row in sig:
+    stop = signalled[name]["summary"]["step"]
+    assert f"resumed from {Path('runs', name, 'checkpoints', f'step-{stop:08d}')} at step {stop}" in resumed[name]["out"]
+    rows, ref = rows_of(workdir / "runs" / name / "metrics.jsonl"), losses(workdir, "ref")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) == sorted(ref)
+    for row in rows:
         for k in ("loss", "loss/laion", "loss/mmc4", "lr", "samples_seen/laion", "tokens_seen/laion", "tokens_seen/mmc4"):
             assert row[k] == ref[row["step"]][k], (row["step"], k)
 
@@ -103,8 +133,8 @@ def test_the_summary_matches_metrics_jsonl(workdir, signalled, resumed):
     rows = rows_of(run_dir / "metrics.jsonl")
     last = rows[-1]
     assert (s["stopped"], s["step"], s["total_steps"], s["skipped_steps"]) == ("max_steps", STEPS, STEPS, last["skipped_steps"])
-    assert s["this_start"]["from_step"] == signalled["summary"]["step"]
-    assert s["this_start"]["steps"] == STEPS - signalled["summary"]["step"] and s["this_start"]["wall_s"] > 0
+    assert s["this_start"]["from_step"] == signalled["sig"]["summary"]["step"]
+    assert s["this_start"]["steps"] == STEPS - signalled["sig"]["summary"]["step"] and s["this_start"]["wall_s"] > 0
     for key in ("loss", "loss/laion", "loss/mmc4"):
         best = min(rows, key=lambda r: r[key])
         assert s["loss"][key] == {"final": last[key], "final_step": STEPS, "best": best[key], "best_step": best["step"]}
@@ -121,8 +151,9 @@ def test_the_summary_matches_metrics_jsonl(workdir, signalled, resumed):
     assert f"{s['tokens_seen']['mmc4']:,} tokens" in out
 
 
-def test_wandb_offline_continues_the_same_run(workdir, resumed):
-    run_dir = workdir / "runs" / "sig"
+@pytest.mark.parametrize("name", ["sig", "sig_launcher"])
+def test_wandb_offline_continues_the_same_run(workdir, resumed, name):
+    run_dir = workdir / "runs" / name
     run_id = (run_dir / "wandb_id").read_text().strip()
     starts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(starts) == 2 and all(p.name.endswith(f"-{run_id}") for p in starts), starts
@@ -146,7 +177,7 @@ def test_tensorboard_has_every_row_and_the_spec(workdir, resumed):
 
 def test_train_log_holds_the_console_and_other_ranks_warnings(workdir, signalled, resumed):
     log = (workdir / "runs" / "sig" / "train.log").read_text()
-    stop = signalled["summary"]["step"]
+    stop = signalled["sig"]["summary"]["step"]
     assert log.count("a start on 2 rank(s)") == 2
     assert f"step 1/{STEPS} | loss" in log and f"step {STEPS}/{STEPS} | loss" in log
     assert f"[rank 1] [of_ds] SIGTERM received: stopped at step {stop}, checkpoint saved" in log

@@ -21,7 +21,9 @@ from engines_launch import env, job, launch_command, launch_runs, losses
 pytestmark = pytest.mark.slow
 
 STEPS = 12
-SETS = [f"run.max_steps={STEPS}", "checkpoint.every_n_steps=5", "checkpoint.keep_last=5"]
+# loader workers too: a signal to the process tree reaches them, and they must not die of it
+SETS = [f"run.max_steps={STEPS}", "checkpoint.every_n_steps=5", "checkpoint.keep_last=5",
+        "data.datasets.laion.workers=2", "data.datasets.mmc4.workers=2"]
 TRACKING = ["logging.wandb.mode=offline", "logging.tensorboard=true"]
 SIGNAL_AT = 2  # rank 1 gets SIGTERM once this step's row is in metrics.jsonl
 STOP_WITHIN_S = 60  # from the signal to the launcher's exit (a demo step takes well under a second)
@@ -105,7 +107,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_a_checkpoint_and_exits_0(signal
 
 def test_sigterm_to_deepspeeds_launcher_stops_at_a_checkpoint_although_wandb_goes(signalled):
     """DeepSpeed's launch.py SIGTERMs each rank's process tree in turn (rank 0 first, waiting for it) and exits 1
-    itself; wandb's service process, a child of rank 0, ends with it: logging goes on without wandb."""
+    itself. The loader workers in the trees ignore it; wandb's service process, a child of rank 0, ends with it:
+    logging goes on without wandb."""
     stopped = signalled["sig_launcher"]
     stop = assert_stopped_at_a_checkpoint(stopped)
     assert stopped["rc"] == 1, stopped["out"][-4000:]

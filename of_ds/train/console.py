@@ -34,6 +34,8 @@ class _Tee:
 
     def write(self, text: str) -> int:
         n = self.stream.write(text)
+        if self.log.closed:  # a stream kept past the run (a logging handler made during it): the console only
+            return n
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
         if lines:
@@ -42,7 +44,8 @@ class _Tee:
 
     def flush(self) -> None:
         self.stream.flush()
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
 
     def __getattr__(self, name):
         return getattr(self.stream, name)

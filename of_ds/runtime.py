@@ -60,13 +60,13 @@ class Runtime:
             self.heartbeat_fn(step)
 
     def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
-        """A 0-dim bool flag, true where it is true on any rank. Stays on the flag's device: with NCCL the host does
-        not wait for it (gloo reduces a CPU copy)."""
+        """Bool flags (any shape), each true where it is true on any rank. Stays on the flag's device: with NCCL
+        the host does not wait for it (gloo reduces a CPU copy)."""
         if not self.distributed:
             return flag
-        t = flag.to(self.comm_device, torch.float32).reshape(1)
+        t = flag.to(self.comm_device, torch.float32).reshape(-1)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.reshape(()).to(flag.device) > 0
+        return t.reshape(flag.shape).to(flag.device) > 0
 
     def all_reduce_mean(self, values: list[float]) -> list[float]:
         if not self.distributed or not values:
@@ -74,6 +74,14 @@ class Runtime:
         t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return (t / self.world_size).tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     @property
     def comm_device(self) -> torch.device:

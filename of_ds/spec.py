@@ -243,7 +243,10 @@ class CheckpointSpec(_Section):
 
 # --------------------------------------------------------------------------------------------------------- logging
 class WandbSpec(_Section):
-    mode: Literal["online", "offline", "disabled"] = "disabled"
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "disabled", description="online/offline: log every metrics row to wandb, the resolved spec as its config; the "
+        "run's id is kept in RUN_DIR/wandb_id, so a resumed run continues the same wandb run."
+    )
     project: Optional[str] = None
     entity: Optional[str] = None
     save_checkpoints: bool = Field(False, description="Upload exported weights to wandb (needs mode online/offline).")
@@ -253,6 +256,10 @@ class LoggingSpec(_Section):
     every_n_steps: int = Field(100, ge=1, description="Console/metrics line every N optimizer steps.")
     progress_bar: bool = True
     wandb: WandbSpec = Field(default_factory=WandbSpec)
+    tensorboard: bool = Field(
+        False, description="Also write every metrics row, and the resolved spec as text, as TensorBoard events under "
+        "RUN_DIR/tensorboard (a resumed run adds to the same folder)."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------- run

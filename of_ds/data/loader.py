@@ -8,6 +8,7 @@ DataLoader process i the role of logical worker (s + i) % W, each continuing aft
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -52,6 +53,14 @@ class DatasetPosition:
     consumed: list[int] = field(default_factory=list)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: SIGTERM and SIGINT are the main process's to act on (it finishes its step and saves a
+    checkpoint). A launcher or scheduler signals the whole process tree; torch's workers would die of it and take
+    the step with them. They still end with the main process (torch's workers watch it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainData:
     """All datasets of a run for one rank. Iterating yields `{dataset_name: batch}` for the current epoch."""
 
@@ -78,7 +87,8 @@ class TrainData:
         workers = self._num_workers[plan.name]
         stream = _EpochStream(plan, self._epoch, pos.step, self.steps_per_epoch, list(pos.consumed))
         return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
-                          persistent_workers=False, pin_memory=self._pin_memory)
+                          persistent_workers=False, pin_memory=self._pin_memory,
+                          worker_init_fn=ignore_stop_signals if workers else None)
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         start = {name: pos.step for name, pos in self._positions.items()}

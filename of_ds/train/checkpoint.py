@@ -15,7 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +43,8 @@ class TrainState:
     step_in_epoch: int = 0
     skipped_steps: int = 0
     samples_seen: int = 0
+    samples_seen_by_dataset: dict[str, int] = field(default_factory=dict)  # every rank's, since step 0
+    tokens_seen_by_dataset: dict[str, int] = field(default_factory=dict)  # real (attention-mask) tokens, every rank's
 
 
 def step_dir_name(step: int) -> str:

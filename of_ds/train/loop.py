@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+import sys
+from typing import Iterator, Mapping, Optional
 
 import torch
 
 from ..engines.base import StepStats
 from ..runtime import Runtime
 from .checkpoint import CheckpointManager, TrainState
+from .stop import StopFlag
 
 MAX_CONSECUTIVE_SKIPS = 20
 
@@ -23,10 +25,12 @@ def optimizer_steps_per_epoch(micro_steps_per_epoch: int, grad_accum_steps: int)
     return steps
 
 
-def optimizer_step(engine, batches: Iterator, weights: Mapping[str, float], runtime: Runtime, metrics) -> StepStats:
+def optimizer_step(engine, batches: Iterator, weights: Mapping[str, float], runtime: Runtime, metrics,
+                   stop: Optional[StopFlag] = None) -> StepStats:
     """GA micro-steps (one backward each, on the weighted sum of dataset losses), then one engine step.
     A non-finite loss on any rank makes every rank skip the update (bug B6). The flag stays on the device (an
-    asynchronous all-reduce, then the engine's step): no host sync per step."""
+    asynchronous all-reduce, then the engine's step): no host sync per step. The same all-reduce carries `stop`'s
+    signal flag."""
     bad = None
     for micro in range(engine.grad_accum_steps):
         with metrics.data_wait_timer():
@@ -35,7 +39,8 @@ def optimizer_step(engine, batches: Iterator, weights: Mapping[str, float], runt
         nonfinite = ~torch.isfinite(losses["loss"].detach())
         bad = nonfinite if bad is None else bad | nonfinite
         if micro == engine.grad_accum_steps - 1:
-            bad = runtime.any_rank(bad)  # queued before the last backward, so that it overlaps the backward
+            # queued before the last backward, so that it overlaps the backward
+            bad = runtime.any_rank(bad) if stop is None else stop.exchange(runtime, bad)
         engine.backward(losses["loss"])
         metrics.observe(batch, losses)
     return engine.step(nonfinite_loss=bad)
@@ -65,8 +70,10 @@ class SkipCounter:
                 raise FloatingPointError(f"{self.run} optimizer steps in a row skipped (non-finite loss or gradients), by step {self.state.step}")
 
 
-def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int) -> TrainState:
-    """Run until `total_steps` optimizer steps. On a resumed run the caller has already restored `data`."""
+def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int,
+               stop: Optional[StopFlag] = None) -> TrainState:
+    """Run until `total_steps` optimizer steps, or until the ranks agree to stop on a signal (`stop`): that step
+    is logged and checkpointed. On a resumed run the caller has already restored `data`."""
     per_epoch = optimizer_steps_per_epoch(data.steps_per_epoch, engine.grad_accum_steps)
     left = data.steps_per_epoch - per_epoch * engine.grad_accum_steps
     if left and runtime.is_main:
@@ -74,6 +81,7 @@ def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointMana
               f"micro-steps per rank, not a multiple of optim.grad_accum_steps={engine.grad_accum_steps} (the original "
               f"steps on the partial window)", flush=True)
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
+    per_step = {d.name: d.batch_size * engine.grad_accum_steps * runtime.world_size for d in spec.data.datasets}
     skips = SkipCounter(state)
     while state.step < total_steps:
         if state.step_in_epoch >= per_epoch:
@@ -82,20 +90,27 @@ def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointMana
             data.set_epoch(state.epoch)
         batches = iter(data)
         while state.step_in_epoch < per_epoch and state.step < total_steps:
-            stats = optimizer_step(engine, batches, weights, runtime, metrics)
+            stats = optimizer_step(engine, batches, weights, runtime, metrics, stop)
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-            state.samples_seen += metrics_samples(spec, engine, runtime)
+            state.samples_seen += sum(per_step.values())
+            for name, n in per_step.items():
+                state.samples_seen_by_dataset[name] = state.samples_seen_by_dataset.get(name, 0) + n
             skips.add(stats.skipped)
-            log, save = metrics.should_log(state.step), checkpoints.should_save(state.step, total_steps)
+            stopping = stop is not None and stop.should_stop()
+            log = stopping or metrics.should_log(state.step)
+            save = stopping or checkpoints.should_save(state.step, total_steps)
             if log or save or state.step % MAX_CONSECUTIVE_SKIPS == 0:
                 skips.settle()
             runtime.heartbeat(state.step)
-            metrics.step(state.step, stats, state, data.drop_counts() if log else None)
+            metrics.step(state.step, stats, state, data.drop_counts() if log else None, force=stopping)
             if save:
+                if not log:
+                    metrics.settle_totals(state)
                 checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()})
+            if stopping:
+                if stop.signal is not None:  # this rank's own (another rank's console copy says "[rank R]")
+                    print(f"[of_ds] {stop.signal} received: stopped at step {state.step}, checkpoint saved", file=sys.stderr, flush=True)
+                return state
     skips.settle()
+    metrics.settle_totals(state)
     return state
-
-
-def metrics_samples(spec, engine, runtime: Runtime) -> int:
-    return sum(d.batch_size for d in spec.data.datasets) * engine.grad_accum_steps * runtime.world_size

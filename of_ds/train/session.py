@@ -1,4 +1,4 @@
-"""What launch/train.py strings together: argument parsing, step budget, resume, dry-run report, final summary."""
+"""What launch/train.py strings together: argument parsing, step budget, resume, dry-run report."""
 
 from __future__ import annotations
 
@@ -336,17 +336,6 @@ def recommended_command(plan, args: argparse.Namespace, spec: RunSpec, explicit:
     for o in sets:
         words += ["--set", o]
     return " ".join(shlex.quote(w) for w in words)
-
-
-def summary(spec: RunSpec, run_dir: Path, checkpoints: CheckpointManager, state: TrainState) -> str:
-    latest = checkpoints.latest()
-    return "\n".join([
-        f"[of_ds] done: {state.step} optimizer steps ({state.skipped_steps} skipped), epoch {state.epoch}",
-        f"[of_ds] run dir:     {run_dir.resolve()}",
-        f"[of_ds] checkpoints: {checkpoints.root.resolve()} (latest: {latest.name if latest else 'none'})",
-        f"[of_ds] metrics:     {(run_dir / 'metrics.jsonl').resolve()}  (plot: tools/plot_run {run_dir})",
-        f"[of_ds] export:      tools/export_checkpoint {run_dir} {run_dir}/export.pt",
-    ])
 
 
 def dry_run_main(spec: RunSpec, args: argparse.Namespace) -> int:

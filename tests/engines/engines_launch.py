@@ -49,6 +49,16 @@ def env() -> dict:
 def launch(cwd: Path, how: str, name: str, sets: list[str] = (), ds_config: str | None = None, nproc: int = 2,
            timeout: int = 600, check: bool = True, extra: list[str] = ()) -> subprocess.CompletedProcess:
     """how: deepspeed | torchrun | python."""
+    cmd = launch_command(how, name, sets, ds_config, nproc, extra)
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def launch_command(how: str, name: str, sets: list[str] = (), ds_config: str | None = None, nproc: int = 2,
+                   extra: list[str] = ()) -> list[str]:
+    """The command line `launch` runs: launch/train.py on the demo spec with FAST, the run's name and `sets`."""
     args = ["--spec", str(DEMO_SPEC)]
     if ds_config:
         args += ["--deepspeed_config", str(REPO / "ds_configs" / ds_config)]
@@ -61,10 +71,7 @@ def launch(cwd: Path, how: str, name: str, sets: list[str] = (), ds_config: str 
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), str(TRAIN), *args]
     else:
         cmd = [sys.executable, str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return cmd
 
 
 def losses(cwd: Path, name: str) -> dict[int, dict]:

@@ -51,6 +51,7 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     from of_ds.train.loop import train_loop
     from of_ds.train.metrics import Metrics
     from of_ds.train.session import seed_everything
+    from of_ds.train.stop import StopFlag
 
     engine_kind, precision, *flags = kind.split(":")
     d = tiny_spec_dict(tok_dir, out, engine={"kind": engine_kind, "precision": precision, "zero_stage": 2, "fuse_datasets": "fused" in flags})
@@ -75,7 +76,8 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     instrument()
     run_dir = Path(out) / f"run-{kind.replace(':', '-')}"
     ck = CheckpointManager(run_dir / "ckpt", 1, 100, rt)
-    state = train_loop(engine, StandInData(spec, tok, rank=rt.rank), spec, rt, ck, Metrics(spec, rt, run_dir, 4), TrainState(), 4)
+    # with the signal flag that run() passes: its exchange rides on the step's all-reduce, read without a tensor read
+    state = train_loop(engine, StandInData(spec, tok, rank=rt.rank), spec, rt, ck, Metrics(spec, rt, run_dir, 4), TrainState(), 4, StopFlag())
     assert state.step == 4 and calls[0] == 4
     recording[0] = False
     Path(out, f"{kind.replace(':', '-')}-rank{rt.rank}.json").write_text(json.dumps(dict(sites)))

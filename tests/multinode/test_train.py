@@ -131,6 +131,9 @@ def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, dem
     out = log.read_text()
     assert rc != 0, out[-5000:]
     assert "rank 1 (host 127.0.0.2) stopped responding; exiting" in out, out[-5000:]
+    # rank 0 summarises the run before the watchdog ends it (after an error summary, if a collective failed first)
+    assert "[of_ds] stopped:     stall (rank 1 (host 127.0.0.2) stopped responding; exiting)" in out, out[-5000:]
+    assert json.loads((run_dir / "summary.json").read_text())["stopped"] == "stall"
     assert exit_s < 5 + 30, exit_s  # heartbeat timeout + teardown, not the 30-minute collective timeout
     done = sorted(p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
     assert done, "no complete checkpoint left"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -194,16 +195,92 @@ def test_plot_run_reads_the_metrics(tiny_tokenizer_dir, runtime, tmp_path):
     assert plot_run(spec.run.run_dir).is_file()
 
 
-def test_wandb_offline_gets_the_same_rows(tiny_tokenizer_dir, runtime, tmp_path, monkeypatch):
+def test_wandb_offline_and_tensorboard_get_the_same_rows(tiny_tokenizer_dir, runtime, tmp_path, monkeypatch):
+    """Every row reaches metrics.jsonl, wandb and TensorBoard, `Metrics.log`'s rows of other names too (a held-out
+    loss); a second start in the run dir continues the wandb run of RUN_DIR/wandb_id."""
     pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from of_ds.train.loop import train_loop
+    from of_ds.train.metrics import Metrics
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "wb",
-                                        logging={"every_n_steps": 2, "progress_bar": False, "wandb": {"mode": "offline", "project": "t"}})
+    logging = {"every_n_steps": 2, "progress_bar": False, "wandb": {"mode": "offline", "project": "t"}, "tensorboard": True}
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "wb", logging=logging)
     train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4)
-    history = dict(m.wandb.summary)
+    m.log({"step": 4, "val/laion/loss": 1.25})
+    history = dict(m.loggers.wandb.run.summary)
     m.close()
-    assert history["loss"] in {r["loss"] for r in rows(spec).values()}
-    assert {"loss/mmc4", "loss/laion", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "eta_s"} <= set(history)
-    assert list((spec.run.run_dir / "wandb").glob("offline-run-*"))
+    logged = [json.loads(line) for line in (spec.run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == {"step": 4, "val/laion/loss": 1.25} and [r["step"] for r in logged] == [2, 4, 4]
+    assert history["loss"] in {r["loss"] for r in logged[:2]}  # wandb commits a step once a later one comes
+    assert {"loss/mmc4", "loss/laion", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "eta_s", "tokens_seen/mmc4"} <= set(history)
+    events = EventAccumulator(str(spec.run.run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/laion/loss")] == [(4, 1.25)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, pytest.approx(logged[0]["loss"])), (4, pytest.approx(logged[1]["loss"]))]
+
+    Metrics(spec, runtime, spec.run.run_dir, 4).close()  # a second start
+    run_id = (spec.run.run_dir / "wandb_id").read_text().strip()
+    starts = list((spec.run.run_dir / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(p.name.endswith("-" + run_id) for p in starts)
+
+
+def test_sigterm_stops_at_a_checkpoint_of_that_step(tiny_tokenizer_dir, runtime, tmp_path, capsys):
+    """A real SIGTERM to this process during step 1: the flag rides on step 2's all-reduce, the loop logs and
+    checkpoints step 2 (neither a log nor a checkpoint step) and returns; the handlers are restored after."""
+    import os
+    import signal
+
+    from of_ds.train.loop import train_loop
+    from of_ds.train.stop import stop_on_signals
+
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, logging={"every_n_steps": 100, "progress_bar": False},
+                                        checkpoint={"every_n_steps": 100})
+    observe, sent = m.observe, []
+
+    def observe_then_signal(*args):
+        observe(*args)
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    m.observe = observe_then_signal
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stop:
+        state = train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4, stop)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert (state.step, stop.signal, stop.agreed) == (2, "SIGTERM", True)
+    assert [p.name for p in complete_checkpoints(ck.root)] == ["step-00000002"]
+    assert sorted(rows(spec)) == [2] and rows(spec)[2]["samples_seen/laion"] == state.samples_seen_by_dataset["laion"] > 0
+    assert "SIGTERM received: stopped at step 2, checkpoint saved" in capsys.readouterr().err
+
+
+def test_repeated_sigterms_wait_for_the_step_and_a_second_ctrl_c_does_not():
+    import os
+    import signal
+
+    from of_ds.train.stop import stop_on_signals
+
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt), stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs between bytecodes
+            time.sleep(0.01)
+
+
+def test_the_summary_counts_a_relogged_step_once(tmp_path):
+    """After a resume the steps after its checkpoint are logged again: the later rows count, steps past the
+    train state's are left out."""
+    from of_ds.train.summary import logged_losses
+
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0},  # a crash after step 3
+             {"step": 3, "loss": 2.5}, {"step": 4, "loss": 2.25}, {"step": 5, "loss": 9.0},  # resumed at 2
+             {"step": 4, "val/laion/loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert logged_losses(tmp_path / "metrics.jsonl", 4) == {"loss": {"final": 2.25, "final_step": 4, "best": 2.0, "best_step": 2}}

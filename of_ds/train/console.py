@@ -4,21 +4,53 @@ Rank 0's `sys.stdout`/`sys.stderr` and the other ranks' `sys.stderr` are copied 
 lasts (all ranks append to the one file; a resumed run adds to it), as are DeepSpeed's log records (rank 0: all;
 other ranks: warnings and errors) and the traceback of an error that ends the run. Output that bypasses Python's
 streams (C++ warnings of torch or NCCL) reaches the console only.
+
+The copy is held in memory until the run dir is settled (`open_file`, called once the run knows whether it
+continues the run dir's history or moves an earlier run aside), then written there first: a start refused before
+that leaves the run dir as it found it, and a fresh start's log never lands in the run it moved away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from ..runtime import Runtime
 
 TRAIN_LOG = "train.log"
+
+
+class _Sink:
+    """The copy's destination: memory until `open` names the file (which gets what came before), then the file."""
+
+    def __init__(self):
+        self.memory: io.StringIO | None = io.StringIO()
+        self.file: TextIO | None = None
+        self.closed = False
+
+    def open(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", buffering=1)
+        self.file.write(self.memory.getvalue())
+        self.memory = None
+
+    def write(self, text: str) -> None:
+        (self.file or self.memory).write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.file is not None:
+            self.file.close()
 
 
 class _Tee:
@@ -63,26 +95,33 @@ class _LogHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def console_log(run_dir: Path, runtime: Runtime) -> Iterator[Path]:
-    """Copy this rank's console output (see the module docstring) to RUN_DIR/train.log while the block runs."""
+def console_log(run_dir: Path, runtime: Runtime) -> Iterator[Callable[[], Path]]:
+    """Copy this rank's console output (see the module docstring) while the block runs; -> `open_file()`, which
+    starts writing the copy, from its first line, to RUN_DIR/train.log (-> that path). Never called: nothing is
+    written."""
     path = Path(run_dir) / TRAIN_LOG
-    path.parent.mkdir(parents=True, exist_ok=True)
     prefix = "" if runtime.is_main else f"[rank {runtime.rank}] "
     saved = sys.stdout, sys.stderr
     ds_logger = logging.getLogger("DeepSpeed")
-    with open(path, "a", buffering=1) as log:
-        if runtime.is_main:
-            log.write(f"[of_ds] {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: a start on {runtime.world_size} rank(s)\n")
-            sys.stdout = _Tee(sys.stdout, log, prefix)
-        sys.stderr = _Tee(sys.stderr, log, prefix)
-        handler = _LogHandler(log, prefix, logging.NOTSET if runtime.is_main else logging.WARNING)
-        ds_logger.addHandler(handler)
-        try:
-            yield path
-        except BaseException:
-            log.write("".join(prefix + line for line in "".join(traceback.format_exc()).splitlines(keepends=True)))
-            raise
-        finally:
-            ds_logger.removeHandler(handler)
-            sys.stdout.flush(), sys.stderr.flush()
-            sys.stdout, sys.stderr = saved
+    log = _Sink()
+
+    def open_file() -> Path:
+        log.open(path)
+        return path
+
+    if runtime.is_main:
+        log.write(f"[of_ds] {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: a start on {runtime.world_size} rank(s)\n")
+        sys.stdout = _Tee(sys.stdout, log, prefix)
+    sys.stderr = _Tee(sys.stderr, log, prefix)
+    handler = _LogHandler(log, prefix, logging.NOTSET if runtime.is_main else logging.WARNING)
+    ds_logger.addHandler(handler)
+    try:
+        yield open_file
+    except BaseException:
+        log.write("".join(prefix + line for line in "".join(traceback.format_exc()).splitlines(keepends=True)))
+        raise
+    finally:
+        ds_logger.removeHandler(handler)
+        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
+        log.close()

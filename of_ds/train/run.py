@@ -25,15 +25,15 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
 
     started = time.time()
     watchdog = maybe_start_watchdog(spec, runtime)  # multi-node: name a dead rank and exit in bounded time
-    with console_log(spec.run.run_dir, runtime), stop_on_signals() as stop:
-        state = _run(spec, runtime, stop, watchdog, started)
+    with console_log(spec.run.run_dir, runtime) as open_log, stop_on_signals() as stop:
+        state = _run(spec, runtime, stop, watchdog, started, open_log)
     if watchdog is not None:
         # a clean end only: an error leaves it running, for the excepthook to name a dead peer first
         watchdog.stop()
     return state
 
 
-def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: float) -> TrainState:
+def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: float, open_log) -> TrainState:
     from ..data import build_train_data
     from ..engines import build_engine
     from ..engines.deepspeed_config import resolve_deepspeed_config, resolved_engine_line
@@ -56,6 +56,7 @@ def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: flo
     spec = session.prefer_own_checkpoint(spec, checkpoints)  # a requeued command continues its run
     resume_path = session.find_resume_point(spec, checkpoints)
     saved_spec = resume_policy.before_build(spec, resume_path, runtime)  # run dir; a resume's spec diff
+    open_log()  # the run dir is settled: train.log goes to this run's
     session.seed_everything(spec.run.seed)  # after the demo data: the model's init is the seed's alone
     model, _, tokenizer = build_flamingo(spec.model)
     data = build_train_data(spec, tokenizer, image_processor_config(model), runtime, pin_memory=runtime.device.type == "cuda")

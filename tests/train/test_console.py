@@ -16,10 +16,13 @@ def runtime(rank: int) -> Runtime:
 
 
 def test_rank_0_copies_its_console_and_another_rank_its_warnings(tmp_path, capsys):
-    with console_log(tmp_path, runtime(0)):
+    with console_log(tmp_path, runtime(0)) as open_file:
         print("step 1/4 | loss 5.0")
+        assert not (tmp_path / "train.log").exists()  # held until the run dir is settled
+        assert open_file() == tmp_path / "train.log"
         print("a warning", file=sys.stderr)
-    with console_log(tmp_path, runtime(1)):
+    with console_log(tmp_path, runtime(1)) as open_file:
+        open_file()
         print("rank 1's own step line")
         print("a warning\nin two lines", file=sys.stderr, end="")
         print(", ended", file=sys.stderr)
@@ -33,8 +36,17 @@ def test_rank_0_copies_its_console_and_another_rank_its_warnings(tmp_path, capsy
 
 
 def test_an_error_leaves_its_traceback(tmp_path):
-    with pytest.raises(ValueError), console_log(tmp_path, runtime(1)):
+    with pytest.raises(ValueError), console_log(tmp_path, runtime(1)) as open_file:
+        open_file()
         raise ValueError("data.datasets[0].shards: no such file")
     log = (tmp_path / "train.log").read_text()
     assert "[rank 1] Traceback (most recent call last):" in log
     assert "[rank 1] ValueError: data.datasets[0].shards: no such file" in log
+
+
+def test_a_start_that_never_settles_its_run_dir_writes_nothing_there(tmp_path):
+    """A start refused before the run dir is settled (a refused resume) leaves it as it was."""
+    with pytest.raises(ValueError), console_log(tmp_path / "run", runtime(0)):
+        print("model.perceiver.depth: 2 -> 1 (refused)")
+        raise ValueError("refused")
+    assert not (tmp_path / "run").exists()

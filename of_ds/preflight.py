@@ -2,7 +2,7 @@
 
 `preflight(spec, world_size)` raises `PreflightError` (a `SpecError`: one line per problem, each naming the dotted
 field and the path) listing every problem at once, and writes nothing. It checks:
-- `data.datasets.<name>.shards`: local shards exist and are tar files, patterns expand to names; remote shards
+- `data.datasets.<name>.shards` (and `val_shards` when validation is on): local shards exist and are tar files, patterns expand to names; remote shards
   (`s3://`, `http(s)://`) are not looked at, and for a `pipe:` command only that its program is on PATH;
 - `model.tokenizer`, `model.lm.name_or_path`, `model.vision.pretrained`: a local path exists; a hub name (or an
   open_clip tag) is in the cache when `model.offline` is set (without it, it would be downloaded);
@@ -52,6 +52,8 @@ def preflight_problems(spec: RunSpec, world_size: int = 1) -> list[str]:
     problems: list[str] = []
     for d in spec.data.datasets:
         problems += _shard_problems(f"data.datasets.{d.name}.shards", d.shards, demo)
+        if d.val_shards is not None and spec.logging.eval_every_n_steps:
+            problems += _shard_problems(f"data.datasets.{d.name}.val_shards", d.val_shards, demo)
     problems += _model_problems(spec, demo)
     problems += _writable_problems("run.output_dir", spec.run.run_dir, spec.run.output_dir)
     e = spec.engine

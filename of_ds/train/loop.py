@@ -65,8 +65,10 @@ class SkipCounter:
                 raise FloatingPointError(f"{self.run} optimizer steps in a row skipped (non-finite loss or gradients), by step {self.state.step}")
 
 
-def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int) -> TrainState:
-    """Run until `total_steps` optimizer steps. On a resumed run the caller has already restored `data`."""
+def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int,
+               validation=None) -> TrainState:
+    """Run until `total_steps` optimizer steps. On a resumed run the caller has already restored `data`.
+    `validation(engine, step)` (train/validate.py) evaluates after the steps it is due at, before their checkpoint."""
     per_epoch = optimizer_steps_per_epoch(data.steps_per_epoch, engine.grad_accum_steps)
     left = data.steps_per_epoch - per_epoch * engine.grad_accum_steps
     if left and runtime.is_main:
@@ -91,8 +93,9 @@ def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointMana
                 skips.settle()
             runtime.heartbeat(state.step)
             metrics.step(state.step, stats, state, data.drop_counts() if log else None)
+            val_loss = validation(engine, state.step) if validation is not None else None
             if save:
-                checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()})
+                checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()}, val_loss)
     skips.settle()
     return state
 

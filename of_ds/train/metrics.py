@@ -1,4 +1,5 @@
 """Step metrics: a console line every N steps, `RUN_DIR/metrics.jsonl` always, a rank-0 progress bar, wandb.
+Other rows (validation) go the same way through `log_row`.
 
 Losses are averaged over the logging window and over ranks (the original logged rank 0's last micro-batch).
 Throughput counts every rank's samples and real (attention-mask) tokens. MFU = achieved FLOP/s / (peak x ranks),
@@ -100,14 +101,17 @@ class Metrics:
             return None
         row = self._row(step, stats, state, drops)
         if self.rt.is_main:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            line = self._console(row)
-            (self.bar.write(line) if self.bar is not None else print(line, flush=True))
-            if self.wandb is not None:
-                self.wandb.log(row, step=step)
+            self.log_row(row, self._console(row))
         self._reset_window()
         return row
+
+    def log_row(self, row: dict, line: str) -> None:
+        """Rank 0: one row (its `step` included) to metrics.jsonl and wandb, and `line` to the console."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        (self.bar.write(line) if self.bar is not None else print(line, flush=True))
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
 
     def _row(self, step: int, stats, state, drops) -> dict:
         names = ["loss", *self.names]

@@ -22,6 +22,7 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     from .checkpoint import CheckpointManager
     from .loop import train_loop
     from .metrics import Metrics
+    from .validate import Validation
 
     watchdog = maybe_start_watchdog(spec, runtime)  # multi-node: name a dead rank and exit in bounded time
     ds_config = None
@@ -37,15 +38,16 @@ def run(spec: RunSpec, runtime: Runtime) -> TrainState:
     data = build_train_data(spec, tokenizer, image_processor_config(model), runtime, pin_memory=runtime.device.type == "cuda")
     total_steps = session.total_optimizer_steps(spec, data.steps_per_epoch)
     run_dir = spec.run.run_dir
-    checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
+    checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime, spec.checkpoint.keep_best)
     resume_path = session.find_resume_point(spec, checkpoints)
     session.load_start_weights(model, resume_path, spec)  # weights only: before the engine wraps the model
     universal = session.universal_resume(resume_path, spec, ds_config, runtime)  # ZeRO saved by another number of ranks
     engine = build_engine(model, spec, runtime, total_steps, ds_config)
     state = session.resume(engine, data, checkpoints, resume_path, spec, runtime, universal)
     metrics = Metrics(spec, runtime, run_dir, total_steps, session.step_flops(spec) if runtime.device.type == "cuda" else None)
+    validation = Validation.maybe(spec, runtime, tokenizer, image_processor_config(model), metrics, total_steps)
     try:
-        state = train_loop(engine, data, spec, runtime, checkpoints, metrics, state, total_steps)
+        state = train_loop(engine, data, spec, runtime, checkpoints, metrics, state, total_steps, validation)
     finally:
         metrics.close()
     if runtime.is_main:

@@ -207,3 +207,20 @@ def test_wandb_offline_gets_the_same_rows(tiny_tokenizer_dir, runtime, tmp_path,
     assert history["loss"] in {r["loss"] for r in rows(spec).values()}
     assert {"loss/mmc4", "loss/laion", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "eta_s"} <= set(history)
     assert list((spec.run.run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_besides_the_last(tiny_tokenizer_dir, runtime, tmp_path):
+    """checkpoint.keep_best: the step with the lowest validation loss (meta.json's val_loss, given to the loop by
+    the validation hook) stays besides the newest keep_last, and checkpoints/best names it; a later better one
+    replaces it."""
+    from of_ds.train.loop import train_loop
+
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "best", checkpoint={"every_n_steps": 1, "keep_last": 1})
+    ck.keep_best = True
+    val = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5}
+    train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4, validation=lambda engine, step: val[step])
+    assert [p.name for p in complete_checkpoints(ck.root)] == ["step-00000002", "step-00000004"]
+    assert (ck.root / "best").read_text().strip() == "step-00000002"
+    assert json.loads((ck.root / "step-00000002" / "meta.json").read_text())["val_loss"] == 1.0
+    assert ck.latest().name == "step-00000004"  # resume still takes the newest
+    assert CheckpointManager.best(complete_checkpoints(ck.root)).name == "step-00000002"

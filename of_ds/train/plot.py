@@ -31,13 +31,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+    """`key` by step; a step logged twice (a run resumed from an earlier checkpoint logs its steps again) keeps
+    its last value."""
+    by_step = {}
     for r in rows:
         v = r.get(key)
         if isinstance(v, (int, float)) and v == v:  # skip NaN
-            xs.append(r["step"])
-            ys.append(float(v))
-    return xs, ys
+            by_step[r["step"]] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def loss_keys(rows: list[dict]) -> list[str]:

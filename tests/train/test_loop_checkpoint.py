@@ -224,3 +224,39 @@ def test_keep_best_keeps_the_lowest_validation_loss_besides_the_last(tiny_tokeni
     assert json.loads((ck.root / "step-00000002" / "meta.json").read_text())["val_loss"] == 1.0
     assert ck.latest().name == "step-00000004"  # resume still takes the newest
     assert CheckpointManager.best(complete_checkpoints(ck.root)).name == "step-00000002"
+
+
+def test_samples_go_to_a_file_and_a_wandb_table(tmp_path, monkeypatch):
+    """SampleSet.write: RUN_DIR/samples/step-N.jsonl, each prompt's images once under samples/images/, and with
+    wandb on a `samples` table (wandb offline here)."""
+    wandb = pytest.importorskip("wandb")
+    import io
+
+    from PIL import Image
+
+    from of_ds.train.samples import Prompt, SampleSet
+
+    def png(color) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    prompts = [Prompt("caption", "k0", "<image>", "a red square", [png((200, 0, 0))]),
+               Prompt("interleaved", "d0", "<image>one.<image>", "two.", [png((0, 200, 0)), png((0, 0, 200))])]
+    samples = SampleSet.__new__(SampleSet)
+    samples.prompts, samples.run_dir = prompts, tmp_path
+    records = [{"step": 5, "kind": p.kind, "key": p.key, "images": SampleSet._image_names(i, p), "prompt": p.text,
+                "reference": p.reference, "output": f"out {i}"} for i, p in enumerate(prompts)]
+    run = wandb.init(project="t", mode="offline", dir=str(tmp_path))
+    try:
+        path = samples.write(records, 5, run)
+    finally:
+        run.finish()
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["kind", "image", "prompt", "reference", "output"]
+    assert [row[-1] for row in table["data"]] == ["out 0", "out 1"]
+    assert path == tmp_path / "samples" / "step-00000005.jsonl"
+    assert [json.loads(line)["output"] for line in path.read_text().splitlines()] == ["out 0", "out 1"]
+    assert sorted(p.name for p in (tmp_path / "samples" / "images").iterdir()) == ["0-0.jpg", "1-0.jpg", "1-1.jpg"]

@@ -71,14 +71,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
+    colors = {}
     for key in loss_keys(rows):
         xs, ys = _series(rows, key)
         if xs:
-            ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1.3)
+            (line,) = ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1.3)
+            colors[key] = line.get_color()
     for key in val_loss_keys(rows):
         xs, ys = _series(rows, key)
-        if xs:
-            ax.plot(xs, ys, "--o", label=key, lw=2 if key == "val/loss" else 1.3, ms=3)
+        if xs:  # dashed, in its training curve's colour
+            ax.plot(xs, ys, "--o", label=key, lw=2 if key == "val/loss" else 1.3, ms=3, color=colors.get(key.removeprefix("val/")))
     ax.set(title="loss", xlabel="optimizer step")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

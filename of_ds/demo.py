@@ -364,18 +364,19 @@ def ensure_demo_data(path: str | Path) -> Path:
     """Generate the demo data at `path` unless it is complete. Safe when several ranks call it at once: one
     generates under an exclusive file lock while the others wait for it, then all see `DONE`."""
     path = Path(path)
-    if _complete(path):
+    if demo_data_complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _complete(path):
+        if not demo_data_complete(path):
             make_demo_data(path)
     return path
 
 
-def _complete(path: Path) -> bool:
+def demo_data_complete(path: str | Path) -> bool:
     """`DONE` and every part (a demo dir from before the validation split is made anew)."""
+    path = Path(path)
     return (path / "DONE").is_file() and all((path / name).exists() for name in EXPECTED)
 
 

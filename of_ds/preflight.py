@@ -9,7 +9,7 @@ field and the path) listing every problem at once, and writes nothing. It checks
 - `run.output_dir`: the run directory exists or can be created, and is writable; `engine.nvme_path` likewise;
 - `checkpoint.resume_from`: a checkpoint file, or a folder holding a complete checkpoint;
 - `engine.deepspeed_config`: resolves against the spec (`of_ds.engines.deepspeed_config`).
-Paths under `run.demo_data` are skipped until the demo data is generated (`DONE`): the run generates them.
+Paths under `run.demo_data` are skipped until the demo data is complete (`DONE` and every part): the run generates them.
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def _shown(names: list[str]) -> str:
 
 def _pending_demo_dir(spec: RunSpec) -> Optional[Path]:
     """The demo data folder while it is still to be generated (paths under it are the run's to make)."""
+    from .demo import demo_data_complete
+
     d = spec.run.demo_data
-    if d and not (Path(d) / "DONE").is_file():
+    if d and not demo_data_complete(d):
         return Path(d).resolve()
     return None
 

@@ -10,6 +10,9 @@
 - `OUT/vit.pt`: a tiny open_clip ViT (`DEMO_VIT`) pretrained to tell the photos apart, the demo's stand-in for a
   CLIP checkpoint (loaded through open_clip's local-checkpoint path, frozen during training);
 - `OUT/photos/<name>.jpg`: each source photo, whole, to caption with `tools/generate` after training;
+- `OUT/laion_val/000000.tar` and `OUT/mmc4_val/000000.tar` (+ `sizes.json`): a held-out split made the same way
+  with its own random stream after everything else (so the training data and models do not depend on it), for
+  the demo spec's `val_shards`;
 - `OUT/DONE` last: a directory without it is regenerated.
 
 Every image is a distinct random crop / flip / rescale of one of the photos, JPEG-encoded above the loader's
@@ -43,7 +46,8 @@ LAION_PER_SHARD = 64
 DOCS_PER_SHARD = 40
 MIN_JPEG_BYTES = 12_000  # above the loader's default min_image_bytes (10,000)
 TOKENIZER_VOCAB = 1000
-EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "lm", "vit.pt", "photos", "DONE")
+VAL_SEED = SEED + 1
+EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "lm", "vit.pt", "photos", "laion_val", "mmc4_val", "DONE")
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,11 @@ def make_caption(photo: Photo, rng: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- LAION
-def write_laion(out: Path, photos: dict[str, np.ndarray], rng: random.Random) -> list[str]:
+def write_laion(out: Path, photos: dict[str, np.ndarray], rng: random.Random, shards: int = N_SHARDS) -> list[str]:
     """img2dataset-style shards; returns the captions."""
     out.mkdir(parents=True, exist_ok=True)
     captions, sizes = [], {}
-    for shard in range(N_SHARDS):
+    for shard in range(shards):
         name = f"{shard:06d}.tar"
         with DeterministicTar(out / name) as tar:
             for i in range(LAION_PER_SHARD):
@@ -197,10 +201,10 @@ def make_document(shard: int, k: int, photos: dict[str, np.ndarray], images: Pat
             "similarity_matrix": sim, "could_have_url_duplicate": 0}
 
 
-def write_mmc4_raw(raw: Path, photos: dict[str, np.ndarray], rng: random.Random) -> list[str]:
+def write_mmc4_raw(raw: Path, photos: dict[str, np.ndarray], rng: random.Random, shards: range = range(N_SHARDS)) -> list[str]:
     """MMC4 download layout under `raw/`; returns every sentence."""
     sentences = []
-    for shard in range(N_SHARDS):
+    for shard in shards:
         images = raw / "images" / str(shard)
         images.mkdir(parents=True, exist_ok=True)
         docs = [make_document(shard, k, photos, images, rng) for k in range(DOCS_PER_SHARD)]
@@ -340,22 +344,40 @@ def _make_demo_data(out: Path) -> Path:
     pretrain_demo_lm(captions + sentences, out / "tokenizer", out / "lm")
     pretrain_demo_vit(photos, out / "vit.pt")
     write_photos(out / "photos", photos)
+    write_validation_split(out, photos)
     (out / "DONE").write_text("demo data complete\n")
     return out
+
+
+def write_validation_split(out: Path, photos: dict[str, np.ndarray]) -> None:
+    """One held-out shard of each kind; the MMC4 one converted from raw shard N_SHARDS (which training skips)."""
+    rng = random.Random(VAL_SEED)
+    write_laion(out / "laion_val", photos, rng, shards=1)
+    write_mmc4_raw(out / "raw", photos, rng, shards=range(N_SHARDS, N_SHARDS + 1))
+    convert(ConvertOptions(
+        inputs=str(out / "raw" / f"docs_shard_{N_SHARDS}_v2.jsonl.zip"), image_dir=str(out / "raw" / "images"),
+        output_dir=str(out / "mmc4_val"), image_layout="number", progress=False,
+    ))
 
 
 def ensure_demo_data(path: str | Path) -> Path:
     """Generate the demo data at `path` unless it is complete. Safe when several ranks call it at once: one
     generates under an exclusive file lock while the others wait for it, then all see `DONE`."""
     path = Path(path)
-    if (path / "DONE").is_file():
+    if demo_data_complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "DONE").is_file():
+        if not demo_data_complete(path):
             make_demo_data(path)
     return path
+
+
+def demo_data_complete(path: str | Path) -> bool:
+    """`DONE` and every part (a demo dir from before the validation split is made anew)."""
+    path = Path(path)
+    return (path / "DONE").is_file() and all((path / name).exists() for name in EXPECTED)
 
 
 def _clear_partial(out: Path) -> None:

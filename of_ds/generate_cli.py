@@ -1,8 +1,9 @@
 """`tools/generate CHECKPOINT --image PATH [--prompt TEXT]` (`of-generate`): caption images with a trained Flamingo.
 
-CHECKPOINT is a run dir or step folder (its `spec.yaml` builds the model), or a `.pt` file with `--spec`: the
-original OpenFlamingo layout (`checkpoint.pt`, as `tools/export_checkpoint` writes it) or our
-`trainable_state_dict()`. The prompt holds one `<image>` per `--image`, in order.
+CHECKPOINT is a run dir or step folder (its `spec.yaml` builds the model), or a `.pt` or `.safetensors` file of
+trainable weights: the original OpenFlamingo layout (`checkpoint.pt`, as `tools/export_checkpoint` writes it) or
+our `trainable_state_dict()`. A file's spec is `--spec`, else the one `tools/export_checkpoint` wrote beside it
+(`NAME.spec.yaml`), else the one in a safetensors file's metadata. The prompt holds one `<image>` per `--image`, in order.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="run dir, step folder, or a .pt file of trainable weights (then --spec)")
-    p.add_argument("--spec", help="run spec YAML for a .pt checkpoint (overrides a run dir's spec.yaml)")
+    p.add_argument("checkpoint", help="run dir, step folder, or a .pt / .safetensors file of trainable weights")
+    p.add_argument("--spec", help="run spec YAML (overrides a run dir's spec.yaml, or the one beside an exported file)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override, repeatable")
     p.add_argument("--image", action="append", default=[], required=True, help="image file, one per <image> in the prompt")
     p.add_argument("--prompt", default="<image>", help="text with one <image> per --image (default: '<image>')")
@@ -33,7 +34,12 @@ def load_weights(model, path: str | Path, allow_pickle: bool = False) -> None:
     from .model.checkpoint_keys import load_openflamingo_state_dict, unwrap_checkpoint
     from .train.untrusted import load_untrusted
 
-    sd = unwrap_checkpoint(load_untrusted(path, allow_pickle=allow_pickle, opt_in="--allow-pickle"))
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = unwrap_checkpoint(load_untrusted(path, allow_pickle=allow_pickle, opt_in="--allow-pickle"))
     if any(k.startswith("new_tokens.") for k in sd):
         model.load_trainable_state_dict(sd)
     else:
@@ -56,15 +62,38 @@ def build_from_checkpoint(path: Path, spec_path: str | None, overrides: list[str
         m = spec.model
         tok = load_tokenizer(m.tokenizer or m.lm.name_or_path, offline=m.offline, trust_remote_code=m.lm.trust_remote_code, cache_dir=m.lm.cache_dir)
         return model, build_image_processor(model.vision_encoder), tok
-    if not spec_path:
-        raise ValueError(f"{path}: a .pt checkpoint needs --spec (the run spec it was trained with)")
     from .runtime import seed_everything
+    from .train.export import spec_beside
 
-    spec = RunSpec.from_yaml(spec_path, overrides=overrides)
+    if spec_path:
+        spec = RunSpec.from_yaml(spec_path, overrides=overrides)
+    elif spec_beside(path).is_file():
+        spec = RunSpec.from_yaml(spec_beside(path), overrides=overrides)
+    else:
+        spec = _embedded_spec(path, overrides)
     seed_everything(spec.run.seed)  # randomly initialised frozen parts (tests, demo) come out as in training
     model, processor, tok = build_flamingo(spec.model)
     load_weights(model, path, allow_pickle)
     return model, processor, tok
+
+
+def _embedded_spec(path: Path, overrides: list[str]):
+    """The spec in a safetensors export's metadata; ValueError for a file without one."""
+    import yaml
+
+    from .spec import RunSpec, apply_overrides
+    from .train.export import SPEC_META, spec_beside
+
+    text = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(SPEC_META)
+    if text is None:
+        raise ValueError(f"{path}: needs --spec (the run spec it was trained with): there is none beside it "
+                         f"({spec_beside(path).name}) or inside it")
+    return RunSpec.from_dict(apply_overrides(yaml.safe_load(text), overrides), source=f"{path} ({SPEC_META})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,14 @@
 
 `preflight(spec, world_size)` raises `PreflightError` (a `SpecError`: one line per problem, each naming the dotted
 field and the path) listing every problem at once, and writes nothing. It checks:
-- `data.datasets.<name>.shards`: local shards exist and are tar files, patterns expand to names; remote shards
+- `data.datasets.<name>.shards` (and `val_shards` when validation is on): local shards exist and are tar files, patterns expand to names; remote shards
   (`s3://`, `http(s)://`) are not looked at, and for a `pipe:` command only that its program is on PATH;
 - `model.tokenizer`, `model.lm.name_or_path`, `model.vision.pretrained`: a local path exists; a hub name (or an
   open_clip tag) is in the cache when `model.offline` is set (without it, it would be downloaded);
 - `run.output_dir`: the run directory exists or can be created, and is writable; `engine.nvme_path` likewise;
 - `checkpoint.resume_from`: a checkpoint file, or a folder holding a complete checkpoint;
 - `engine.deepspeed_config`: resolves against the spec (`of_ds.engines.deepspeed_config`).
-Paths under `run.demo_data` are skipped until the demo data is generated (`DONE`): the run generates them.
+Paths under `run.demo_data` are skipped until the demo data is complete (`DONE` and every part): the run generates them.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def preflight_problems(spec: RunSpec, world_size: int = 1) -> list[str]:
     problems: list[str] = []
     for d in spec.data.datasets:
         problems += _shard_problems(f"data.datasets.{d.name}.shards", d.shards, demo)
+        if d.val_shards is not None and spec.logging.eval_every_n_steps:
+            problems += _shard_problems(f"data.datasets.{d.name}.val_shards", d.val_shards, demo)
     problems += _model_problems(spec, demo)
     problems += _writable_problems("run.output_dir", spec.run.run_dir, spec.run.output_dir)
     e = spec.engine
@@ -76,8 +78,10 @@ def _shown(names: list[str]) -> str:
 
 def _pending_demo_dir(spec: RunSpec) -> Optional[Path]:
     """The demo data folder while it is still to be generated (paths under it are the run's to make)."""
+    from .demo import demo_data_complete
+
     d = spec.run.demo_data
-    if d and not (Path(d) / "DONE").is_file():
+    if d and not demo_data_complete(d):
         return Path(d).resolve()
     return None
 

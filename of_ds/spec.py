@@ -126,6 +126,17 @@ class DatasetSpec(_Section):
     min_image_bytes: int = Field(10_000, ge=0, description="Images of at most this many bytes are skipped (the original's 10 KB floor).")
     single_image_drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="Drop single-image documents with this probability.")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability (the original flips per batch/doc).")
+    val_shards: Optional[Union[str, list[str]]] = Field(
+        None,
+        description="Held-out shards of this dataset (the forms of `shards`), evaluated every "
+        "logging.eval_every_n_steps and at the end: read in a fixed order (no shuffling, no resampling) with the "
+        "training preprocessing, by every rank, in eval mode without gradients. null: no validation of this dataset.",
+    )
+    val_batches: Optional[int] = Field(
+        None, ge=1,
+        description="Validation micro-batches (of batch_size) per rank at each evaluation. null: the whole held-out "
+        "set (its sizes.json), the last batches wrapping around to its first samples.",
+    )
     decode_draft: bool = Field(
         False,
         description="false (default): the exact open_clip transform, bit-identical. true: JPEGs whose shortest side is "
@@ -233,6 +244,12 @@ class CheckpointSpec(_Section):
         "dir that holds a run (checkpoints or metrics.jsonl): refuse names the dir; move_aside renames it to "
         "RUN_DIR.old-<UTC time> and starts in an empty one; delete removes it first.",
     )
+    keep_best: bool = Field(
+        False,
+        description="Also keep the checkpoint with the lowest validation loss (val/loss) besides the newest keep_last; "
+        "`RUN_DIR/checkpoints/best` names it. Needs validation data and every_n_steps a multiple of "
+        "logging.eval_every_n_steps (each checkpoint then has its validation loss, in its meta.json).",
+    )
     original_optimizer: Literal["fresh", "carry"] = Field(
         "fresh",
         description="With resume_from an original OpenFlamingo checkpoint_N.pt (its train.py's optimizer state): fresh "
@@ -255,6 +272,18 @@ class WandbSpec(_Section):
 class LoggingSpec(_Section):
     every_n_steps: int = Field(100, ge=1, description="Console/metrics line every N optimizer steps.")
     progress_bar: bool = True
+    eval_every_n_steps: int = Field(
+        1000, ge=0,
+        description="Evaluate on the datasets' val_shards every N optimizer steps and at the end of training "
+        "(0: never): per-dataset loss and perplexity in the console, metrics.jsonl, wandb and TensorBoard, and sample captions.",
+    )
+    samples: int = Field(
+        4, ge=0,
+        description="At each evaluation, greedy captions of this many fixed validation images (from the first laion "
+        "dataset with val_shards) and one interleaved prompt (from the first mmc4/chatgpt one), written to "
+        "RUN_DIR/samples/step-N.jsonl (0: none).",
+    )
+    sample_max_new_tokens: int = Field(16, ge=1, description="Tokens generated per sample caption.")
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     tensorboard: bool = Field(
         False, description="Also write every metrics row, and the resolved spec as text, as TensorBoard events under "
@@ -374,6 +403,10 @@ def _cross_field_problems(spec: RunSpec) -> list[str]:
             p.append(f"{where}.shuffle_initial: {d.shuffle_initial} exceeds shuffle_buffer {d.shuffle_buffer}")
         if isinstance(d.shards, list) and not d.shards:
             p.append(f"{where}.shards: empty list")
+        if isinstance(d.val_shards, list) and not d.val_shards:
+            p.append(f"{where}.val_shards: empty list (null: no validation of this dataset)")
+        if d.val_batches is not None and d.val_shards is None:
+            p.append(f"{where}.val_batches: given, but {where}.val_shards is not")
     m = spec.model
     if m.lm.config is not None and "model_type" not in m.lm.config:
         p.append("model.lm.config: an HF config dict must name its model_type (e.g. llama, gpt2, opt, gpt_neox)")
@@ -383,6 +416,13 @@ def _cross_field_problems(spec: RunSpec) -> list[str]:
         p.append("model.tokenizer: an LM built from model.lm.config needs a tokenizer path")
     if spec.logging.wandb.save_checkpoints and spec.logging.wandb.mode == "disabled":
         p.append("logging.wandb.save_checkpoints: needs logging.wandb.mode online or offline")
+    if spec.checkpoint.keep_best:
+        every = spec.logging.eval_every_n_steps
+        if every == 0 or not any(d.val_shards for d in spec.data.datasets):
+            p.append("checkpoint.keep_best: needs validation (data.datasets[*].val_shards and logging.eval_every_n_steps > 0)")
+        elif spec.checkpoint.every_n_steps % every:
+            p.append(f"checkpoint.keep_best: checkpoint.every_n_steps ({spec.checkpoint.every_n_steps}) must be a multiple "
+                     f"of logging.eval_every_n_steps ({every}), so that every checkpoint has its validation loss")
     if spec.checkpoint.resume_from and not Path(spec.checkpoint.resume_from).exists():
         p.append(f"checkpoint.resume_from: not found: {spec.checkpoint.resume_from}")
     return p

@@ -85,6 +85,18 @@ def test_cross_field_problems_name_their_fields():
         "data.datasets.mmc4.min_images: 7 exceeds max_images 6"]
 
 
+def test_validation_fields_are_checked_together():
+    assert problems_of(minimal(), ["checkpoint.keep_best=true", "data.datasets.laion.val_batches=2"]) == [
+        "data.datasets.laion.val_batches: given, but data.datasets.laion.val_shards is not",
+        "checkpoint.keep_best: needs validation (data.datasets[*].val_shards and logging.eval_every_n_steps > 0)"]
+    held_out = ["data.datasets.laion.val_shards=v/0.tar", "checkpoint.keep_best=true"]
+    assert problems_of(minimal(), [*held_out, "checkpoint.every_n_steps=150", "logging.eval_every_n_steps=100"]) == [
+        "checkpoint.keep_best: checkpoint.every_n_steps (150) must be a multiple of logging.eval_every_n_steps (100), "
+        "so that every checkpoint has its validation loss"]
+    spec = RunSpec.from_dict(apply_overrides(minimal(), [*held_out, "checkpoint.every_n_steps=200", "logging.eval_every_n_steps=100"]))
+    assert spec.dataset("laion").val_shards == "v/0.tar" and spec.dataset("mmc4").val_shards is None
+
+
 def test_error_message_counts_problems_and_names_the_source():
     err = SpecError(["a.b: x", "c: y"], source="s.yaml")
     assert str(err).splitlines() == ["invalid run spec s.yaml (2 problems):", "  - a.b: x", "  - c: y"]

@@ -3,8 +3,10 @@
 A folder holds the engine's own files (DeepSpeed shards, or the torch engine's full state dicts), one
 `rank_state/rank{R:05d}.pt` per rank (loader position, drop counts, RNG: DeepSpeed saves client_state from rank 0
 only), `spec.yaml` (the resolved spec) and `meta.json` (step, world size, engine; under DeepSpeed also the patches
-of_ds applied to it). `COMPLETE` is written by rank 0 after a barrier that every rank reaches only once its files
+of_ds applied to it; the validation loss where the step was evaluated). `COMPLETE` is written by rank 0 after a barrier that every rank reaches only once its files
 are written, so a crash mid-save leaves a folder without it, which resume ignores and the next save removes.
+With `checkpoint.keep_best` the folder with the lowest validation loss is kept besides the newest K, and
+`checkpoints/best` names it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..runtime import Runtime
 from ..spec import RunSpec
 
 COMPLETE = "COMPLETE"
+BEST = "best"  # checkpoints/best: the name of the kept folder with the lowest validation loss (checkpoint.keep_best)
 UNIVERSAL = "universal"  # RUN_DIR/universal/step-N: a ZeRO checkpoint converted to DeepSpeed's universal format
 
 
@@ -154,9 +157,9 @@ def convert_to_universal(path: Path, out: Path, runtime: Runtime) -> Path:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep_last: int, every_n_steps: int, runtime: Runtime):
+    def __init__(self, run_dir: Path, keep_last: int, every_n_steps: int, runtime: Runtime, keep_best: bool = False):
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last, self.every_n_steps, self.runtime = keep_last, every_n_steps, runtime
+        self.keep_last, self.every_n_steps, self.runtime, self.keep_best = keep_last, every_n_steps, runtime, keep_best
         self.last_saved: Optional[int] = None
 
     def should_save(self, step: int, total_steps: int) -> bool:
@@ -166,8 +169,8 @@ class CheckpointManager:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
-    def save(self, engine, state: TrainState, spec: RunSpec, rank_state: dict) -> Path:
-        """Collective: every rank calls it at the same step."""
+    def save(self, engine, state: TrainState, spec: RunSpec, rank_state: dict, val_loss: Optional[float] = None) -> Path:
+        """Collective: every rank calls it at the same step. `val_loss`: this step's validation loss, if evaluated."""
         rt = self.runtime
         path = self.root / step_dir_name(state.step)
         if rt.is_main:
@@ -184,7 +187,7 @@ class CheckpointManager:
             (path / "spec.yaml").write_text(spec.to_yaml())
             meta = {"step": state.step, "world_size": rt.world_size, "engine": spec.engine.kind,
                     "zero_stage": spec.engine.zero_stage if spec.engine.kind == "deepspeed" else None,
-                    "train_state": asdict(state)}
+                    "train_state": asdict(state), "val_loss": val_loss}
             if spec.engine.kind == "deepspeed":  # what of_ds changed inside DeepSpeed (engines/deepspeed_patches.py)
                 meta["deepspeed_patches"] = list(getattr(engine, "applied_patches", []))
             (path / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -201,11 +204,25 @@ class CheckpointManager:
         # a universal conversion served one resume at a new world size; this run now has its own checkpoint
         shutil.rmtree(self.root.parent / UNIVERSAL, ignore_errors=True)
         complete = complete_checkpoints(self.root)
+        best = self.best(complete) if self.keep_best else None
+        if best is not None:
+            _write_atomic(self.root / BEST, best.name + "\n")
         for old in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
         for p in self.root.glob("step-*"):  # torn saves of a crashed run (no save is in flight here)
             if p.is_dir() and not is_complete(p):
                 shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def best(complete: list[Path]) -> Optional[Path]:
+        """The folder with the lowest finite validation loss in its meta.json (the oldest of equals), or None."""
+        scored = []
+        for p in complete:
+            loss = json.loads((p / "meta.json").read_text()).get("val_loss")
+            if isinstance(loss, (int, float)) and loss == loss and loss != float("inf"):
+                scored.append((loss, p))
+        return min(scored, key=lambda x: x[0])[1] if scored else None
 
     def load(self, engine, path: Path, *, universal: Optional[Path] = None) -> tuple[TrainState, Optional[dict]]:
         """Collective. -> (train state, this rank's rank_state or None when positions cannot carry over). With

@@ -1,10 +1,13 @@
-"""`tools/export_checkpoint RUN_DIR OUT`: one file of trainable weights, in the original OpenFlamingo key layout.
+"""`tools/export_checkpoint RUN_DIR OUT [--format pt|safetensors]`: one file of trainable weights, in the original
+OpenFlamingo key layout, and the run's spec beside it (`OUT` without its suffix + `.spec.yaml`), from which
+`tools/generate OUT` builds the model without further flags.
 
 Reads any engine's checkpoint: the torch engine's `model.pt`, DeepSpeed ZeRO-0 module states, and ZeRO-1/2/3
 partitions (consolidated to fp32 with DeepSpeed's `zero_to_fp32`, frozen parameters excluded). The weights are
 loaded into a freshly built model (the checkpoint's own `spec.yaml`, same seed), checked for completeness, and
 written with `to_openflamingo_state_dict`: loadable by `load_openflamingo_state_dict`, by `checkpoint.resume_from`,
-and by the original's `model.load_state_dict(sd, strict=False)`.
+and by the original's `model.load_state_dict(sd, strict=False)`. `--format safetensors` writes the same tensors as
+a safetensors file (no pickle; the spec and layout also in its metadata, under `of_ds.spec` / `of_ds.layout`).
 """
 
 from __future__ import annotations
@@ -68,16 +71,34 @@ def load_checkpoint_into_model(step_dir: Path, spec: RunSpec | None = None, allo
     return model, spec
 
 
-def export_checkpoint(src: str | Path, out: str | Path, layout: str = "openflamingo", allow_pickle: bool = False) -> Path:
+FORMATS = ("pt", "safetensors")
+SPEC_META, LAYOUT_META = "of_ds.spec", "of_ds.layout"
+
+
+def spec_beside(weights: Path) -> Path:
+    """Where an export's spec is written: `export.pt` -> `export.spec.yaml`."""
+    return weights.with_name(weights.stem + ".spec.yaml")
+
+
+def export_checkpoint(src: str | Path, out: str | Path, layout: str = "openflamingo", allow_pickle: bool = False,
+                      fmt: str = "pt") -> Path:
     from ..model.checkpoint_keys import to_openflamingo_state_dict
 
     step_dir = find_checkpoint(src)
-    model, _ = load_checkpoint_into_model(step_dir, allow_pickle=allow_pickle)
+    model, spec = load_checkpoint_into_model(step_dir, allow_pickle=allow_pickle)
     sd = to_openflamingo_state_dict(model) if layout == "openflamingo" else {k: v.cpu() for k, v in model.trainable_state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(sd, tmp)  # a bare state dict, as the released checkpoint.pt files
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        # own storage per tensor: safetensors refuses views and shared memory
+        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(tmp),
+                  metadata={"format": "pt", SPEC_META: spec.to_yaml(), LAYOUT_META: layout})
+    else:
+        torch.save(sd, tmp)  # a bare state dict, as the released checkpoint.pt files
+    spec_beside(out).write_text(spec.to_yaml())
     tmp.replace(out)
     return out
 
@@ -85,12 +106,14 @@ def export_checkpoint(src: str | Path, out: str | Path, layout: str = "openflami
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a run dir, its checkpoints/ dir, or one step-* folder")
-    p.add_argument("out", help="output file (.pt)")
+    p.add_argument("out", help="output file (.pt or .safetensors); the spec goes beside it (OUT.spec.yaml)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: safetensors for a .safetensors OUT, else pt")
     p.add_argument("--layout", choices=["openflamingo", "ours"], default="openflamingo")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle the checkpoint's files fully (can run code they contain)")
     args = p.parse_args(argv)
     try:
-        path = export_checkpoint(args.run_dir, args.out, args.layout, args.allow_pickle)
+        fmt = args.format or ("safetensors" if args.out.endswith(".safetensors") else "pt")
+        path = export_checkpoint(args.run_dir, args.out, args.layout, args.allow_pickle, fmt)
     except (FileNotFoundError, KeyError, UnsafeCheckpointError) as e:
         print(f"export_checkpoint: {e}", file=sys.stderr)
         return 2

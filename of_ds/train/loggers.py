@@ -69,7 +69,12 @@ class ConsoleSink:
             self.bar.update(step - self.bar.n)
 
     def log(self, row: dict) -> None:
-        line = self.training_line(row) if "loss" in row and "lr" in row else self.plain_line(row)
+        if "loss" in row and "lr" in row:
+            line = self.training_line(row)
+        elif "val/loss" in row:
+            line = self.validation_line(row)
+        else:
+            line = self.plain_line(row)
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
         else:
@@ -78,6 +83,15 @@ class ConsoleSink:
     def plain_line(self, row: dict) -> str:
         parts = [f"step {row['step']}/{self.total_steps}"]
         parts += [f"{k} {v:.4g}" for k, v in flat_numbers(row).items() if k != "step"]
+        return " | ".join(parts)
+
+    def validation_line(self, row: dict) -> str:
+        """`step N/T | val loss L | <dataset> L (ppl P) | ... | Ts`: a row of train/validate.py."""
+        parts = [f"step {row['step']}/{self.total_steps}", f"val loss {row['val/loss']:.4f}"]
+        names = [k.split("/", 2)[2] for k in row if k.startswith("val/loss/")]
+        parts += [f"{n} {row[f'val/loss/{n}']:.4f} (ppl {row[f'val/ppl/{n}']:.2f})" for n in names]
+        if "eval_s" in row:
+            parts.append(f"{row['eval_s']:.1f}s")
         return " | ".join(parts)
 
     def training_line(self, row: dict) -> str:
@@ -122,6 +136,15 @@ class WandbSink:
     def log(self, row: dict) -> None:
         self._call(self.run.log, {k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def log_samples(self, step: int, records: list[dict], folder: Path) -> None:
+        """A `samples` table: each prompt's (last) image, prompt, reference and output."""
+        import wandb
+
+        table = wandb.Table(columns=["kind", "image", "prompt", "reference", "output"])
+        for r in records:
+            table.add_data(r["kind"], wandb.Image(str(folder / r["images"][-1])), r["prompt"], r["reference"], r["output"])
+        self._call(self.run.log, {"samples": table}, step=step)
+
     def close(self) -> None:
         self._call(self.run.finish)
 
@@ -164,6 +187,20 @@ class TensorBoardSink:
                 self.writer.add_scalar(k, v, global_step=step)
         self.writer.flush()
 
+    def log_samples(self, step: int, records: list[dict], folder: Path) -> None:
+        """Each prompt's (last) image as `samples/<i>`, and a text table of prompts, references and outputs."""
+        import numpy as np
+        from PIL import Image
+
+        for i, r in enumerate(records):
+            with Image.open(folder / r["images"][-1]) as im:
+                self.writer.add_image(f"samples/{i}", np.asarray(im.convert("RGB")), global_step=step, dataformats="HWC")
+        cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        table = ["| # | kind | prompt | reference | output |", "|---|---|---|---|---|"]
+        table += [f"| {i} | {r['kind']} | {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['output'])} |" for i, r in enumerate(records)]
+        self.writer.add_text("samples", "\n".join(table), global_step=step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -191,6 +228,12 @@ class Loggers:
     def log(self, row: dict) -> None:
         for sink in self.sinks:
             sink.log(row)
+
+    def log_samples(self, step: int, records: list[dict], folder: Path) -> None:
+        """Sample outputs (train/samples.py) to the sinks that show them: wandb, TensorBoard."""
+        for sink in (self.wandb, self.tensorboard):
+            if sink is not None:
+                sink.log_samples(step, records, folder)
 
     def advance(self, step: int) -> None:
         if self.console is not None:

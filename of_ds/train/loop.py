@@ -71,9 +71,10 @@ class SkipCounter:
 
 
 def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointManager, metrics, state: TrainState, total_steps: int,
-               stop: Optional[StopFlag] = None) -> TrainState:
+               stop: Optional[StopFlag] = None, validation=None) -> TrainState:
     """Run until `total_steps` optimizer steps, or until the ranks agree to stop on a signal (`stop`): that step
-    is logged and checkpointed. On a resumed run the caller has already restored `data`."""
+    is logged and checkpointed. On a resumed run the caller has already restored `data`. `validation(engine, step)`
+    (train/validate.py) evaluates after the steps it is due at, before their checkpoint."""
     per_epoch = optimizer_steps_per_epoch(data.steps_per_epoch, engine.grad_accum_steps)
     left = data.steps_per_epoch - per_epoch * engine.grad_accum_steps
     if left and runtime.is_main:
@@ -103,10 +104,11 @@ def train_loop(engine, data, spec, runtime: Runtime, checkpoints: CheckpointMana
                 skips.settle()
             runtime.heartbeat(state.step)
             metrics.step(state.step, stats, state, data.drop_counts() if log else None, force=stopping)
+            val_loss = validation(engine, state.step) if validation is not None else None
             if save:
                 if not log:
                     metrics.settle_totals(state)
-                checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()})
+                checkpoints.save(engine, state, spec, {"data": data.state_dict(), "drop_counts": data.drop_counts()}, val_loss)
             if stopping:
                 if stop.signal is not None:  # this rank's own (another rank's console copy says "[rank R]")
                     print(f"[of_ds] {stop.signal} received: stopped at step {state.step}, checkpoint saved", file=sys.stderr, flush=True)

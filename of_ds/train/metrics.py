@@ -1,5 +1,5 @@
 """Step metrics: one row every N steps, to every sink of `loggers.Loggers` (console and progress bar,
-`RUN_DIR/metrics.jsonl`, wandb, TensorBoard) through `Metrics.log`.
+`RUN_DIR/metrics.jsonl`, wandb, TensorBoard) through `Metrics.log` (training rows here; validation rows from `validate.py`).
 
 Losses are averaged over the logging window and over ranks (the original logged rank 0's last micro-batch).
 Throughput counts every rank's samples and real (attention-mask) tokens. MFU = achieved FLOP/s / (peak x ranks),

@@ -1,12 +1,15 @@
-"""`tools/plot_run RUN_DIR`: loss per dataset, learning rate and throughput of a run, as one PNG.
+"""`tools/plot_run RUN_DIR`: loss per dataset (training, and validation dashed), learning rate and throughput of a
+run, as one PNG; and where the run wrote samples, `RUN_DIR/samples.html`: each sample image with its prompt, its
+reference text and the model's output at every evaluation.
 
-Reads the run's own `metrics.jsonl` (one JSON object per logged step, written by the loop whatever the wandb
-setting), so it works offline and for runs that never used wandb.
+Reads the run's own `metrics.jsonl` (one JSON object per logged row, written by the loop whatever the wandb
+setting) and `samples/step-*.jsonl`, so it works offline and for runs that never used wandb.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
 from pathlib import Path
@@ -28,19 +31,26 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+    """`key` by step; a step logged twice (a run resumed from an earlier checkpoint logs its steps again) keeps
+    its last value."""
+    by_step = {}
     for r in rows:
         v = r.get(key)
         if isinstance(v, (int, float)) and v == v:  # skip NaN
-            xs.append(r["step"])
-            ys.append(float(v))
-    return xs, ys
+            by_step[r["step"]] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def loss_keys(rows: list[dict]) -> list[str]:
     """Keys holding losses: `loss` and one `loss/<dataset>` (or `loss_<dataset>`) per dataset."""
     keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith(("loss/", "loss_"))})
     return keys
+
+
+def val_loss_keys(rows: list[dict]) -> list[str]:
+    """`val/loss` and one `val/loss/<dataset>` per evaluated dataset."""
+    return sorted({k for r in rows for k in r if k == "val/loss" or k.startswith("val/loss/")})
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -61,10 +71,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
+    colors = {}
     for key in loss_keys(rows):
         xs, ys = _series(rows, key)
         if xs:
-            ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1.3)
+            (line,) = ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1.3)
+            colors[key] = line.get_color()
+    for key in val_loss_keys(rows):
+        xs, ys = _series(rows, key)
+        if xs:  # dashed, in its training curve's colour
+            ax.plot(xs, ys, "--o", label=key, lw=2 if key == "val/loss" else 1.3, ms=3, color=colors.get(key.removeprefix("val/")))
     ax.set(title="loss", xlabel="optimizer step")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -82,10 +98,38 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set(title="throughput (samples/s)", xlabel="optimizer step", ylim=(0, None))
     ax.grid(alpha=0.3)
 
-    fig.suptitle(f"{run_dir.name}: {len(rows)} logged steps, last step {rows[-1]['step']}")
+    fig.suptitle(f"{run_dir.name}: {sum('loss' in r for r in rows)} logged steps, last step {rows[-1]['step']}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+def samples_page(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Write `RUN_DIR/samples.html` (or `out`) from `RUN_DIR/samples/step-*.jsonl`; None when there are none."""
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "samples").glob("step-*.jsonl"))
+    if not files:
+        return None
+    by_prompt: dict[tuple, list[dict]] = {}
+    for f in files:
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                by_prompt.setdefault((r["kind"], r["key"]), []).append(r)
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(run_dir.name)}: samples</title>",
+             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left;vertical-align:top}"
+             "img{height:128px;margin-right:4px}section{margin-bottom:2em}</style>",
+             f"<h1>{html.escape(run_dir.name)}: greedy outputs over training</h1>"]
+    for (kind, key), records in by_prompt.items():
+        first = records[0]
+        images = "".join(f"<img src='samples/{html.escape(i)}'>" for i in first["images"])
+        rows = "".join(f"<tr><td>{r['step']}</td><td>{html.escape(r['output'])}</td></tr>" for r in records)
+        parts.append(f"<section><h3>{html.escape(kind)} {html.escape(key)}</h3>{images}"
+                     f"<p>prompt: <code>{html.escape(first['prompt'])}</code><br>reference: {html.escape(first['reference'])}</p>"
+                     f"<table><tr><th>step</th><th>output</th></tr>{rows}</table></section>")
+    out = Path(out) if out else run_dir / "samples.html"
+    out.write_text("\n".join(parts) + "\n")
     return out
 
 
@@ -100,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot_run: {e}", file=sys.stderr)
         return 2
     print(path)
+    page = samples_page(args.run_dir)
+    if page is not None:
+        print(page)
     return 0
 
 

@@ -42,6 +42,7 @@ def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: flo
     from .checkpoint import CheckpointManager
     from .loop import train_loop
     from .metrics import Metrics
+    from .validate import Validation
 
     ds_config = None
     if spec.engine.kind == "deepspeed":
@@ -52,7 +53,7 @@ def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: flo
         session.maybe_make_demo_data(spec)
     runtime.barrier()
     run_dir = spec.run.run_dir
-    checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
+    checkpoints = CheckpointManager(run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime, spec.checkpoint.keep_best)
     spec = session.prefer_own_checkpoint(spec, checkpoints)  # a requeued command continues its run
     resume_path = session.find_resume_point(spec, checkpoints)
     saved_spec = resume_policy.before_build(spec, resume_path, runtime)  # run dir; a resume's spec diff
@@ -74,6 +75,7 @@ def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: flo
                                                  start_step=start_step, started=started, drops=drops, drops_of=drops_of), run_dir)
 
     start_step = state.step
+    validation = Validation.maybe(spec, runtime, tokenizer, image_processor_config(model), metrics, total_steps)
     if watchdog is not None:  # a stall: summarise what rank 0 knows before the watchdog ends the process
         die = watchdog.on_failure
 
@@ -85,7 +87,7 @@ def _run(spec: RunSpec, runtime: Runtime, stop: StopFlag, watchdog, started: flo
 
         watchdog.on_failure = on_stall
     try:
-        train_loop(engine, data, spec, runtime, checkpoints, metrics, state, total_steps, stop)  # updates `state`
+        train_loop(engine, data, spec, runtime, checkpoints, metrics, state, total_steps, stop, validation)  # updates `state`
     except BaseException as e:
         metrics.close()
         interrupted = isinstance(e, KeyboardInterrupt)

@@ -22,10 +22,10 @@ def digest(root: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if not p.is_file() or rel.startswith("mmc4/.convert/"):
+        if not p.is_file() or rel.startswith(("mmc4/.convert/", "mmc4_val/.convert/")):
             continue
         data = p.read_bytes()
-        if rel == "mmc4/convert_report.json":
+        if rel in ("mmc4/convert_report.json", "mmc4_val/convert_report.json"):
             data = json.dumps({k: v for k, v in json.loads(data).items() if k not in TIMING}).encode()
         out[rel] = hashlib.sha256(data).hexdigest()
     return out
@@ -62,6 +62,13 @@ def test_layout_and_contents(demo):
                         distinct.add(hashlib.sha256(data).hexdigest())
                         jpegs += 1
     assert jpegs == 256 + report["images_found"] and len(distinct) == jpegs
+    # the held-out split: one shard of each kind, none of its images in the training shards
+    assert json.loads((demo / "laion_val" / "sizes.json").read_text()) == {"000000.tar": 64}
+    assert json.loads((demo / "mmc4_val" / "sizes.json").read_text()) == {"000000.tar": 40}
+    for kind in ("laion_val", "mmc4_val"):
+        with tarfile.open(demo / kind / "000000.tar") as tf:
+            held_out = {hashlib.sha256(tf.extractfile(m).read()).hexdigest() for m in tf.getmembers() if m.name.endswith(".jpg")}
+        assert held_out and not held_out & distinct
 
 
 def test_similarities_pick_each_images_caption(demo):
@@ -98,10 +105,12 @@ def test_two_ranks_regenerate_a_partial_dir_identically(demo, tmp_path):
 
 
 def test_demo_spec_loaders_fill_batches(demo):
-    """launch/specs/demo.yaml's datasets, pointed at this demo dir, give full batches that keep most documents."""
+    """launch/specs/demo.yaml's datasets, pointed at this demo dir, give full batches that keep most documents, and
+    full held-out batches."""
     import types
 
     from of_ds.data import build_stream_plan
+    from of_ds.data.held_out import held_out_batches
     from of_ds.data.images import ImageSpec
     from of_ds.data.stream import worker_batches
     from of_ds.model.tokenizer import load_tokenizer
@@ -115,6 +124,8 @@ def test_demo_spec_loaders_fill_batches(demo):
     runtime = types.SimpleNamespace(rank=0, world_size=1, local_rank=0)
     for name in ("laion", "mmc4"):
         ds = spec.dataset(name)
+        held_out = list(held_out_batches(ds.model_copy(update={"val_shards": f"{demo}/{name}_val/000000.tar"}), 0, tok, image_spec, 0, 2))
+        assert len(held_out) == ds.val_batches and all(b["input_ids"].shape[0] == ds.batch_size for b in held_out)
         batches = list(worker_batches(build_stream_plan(ds, 0, tok, image_spec, runtime), 0, 0, 0, 6))
         drops = sum(sum(b["_meta"][2].values()) for b in batches)
         assert drops <= 6 * ds.batch_size // 2, (name, [b["_meta"][2] for b in batches])  # single-image coin flips only

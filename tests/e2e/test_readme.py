@@ -90,10 +90,15 @@ def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path):
     assert "[of_ds] run dir:" in demo_out
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
     assert steps, "no complete checkpoint"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    every = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in every if "loss" in r]
     assert rows[-1]["step"] == int(steps[-1].split("-")[1])
     assert {"loss", "loss/laion", "loss/mmc4", "lr", "samples_per_s"} <= set(rows[-1])
     assert rows[-1]["loss"] < rows[0]["loss"], "the demo model did not learn"
+    val = [r for r in every if "val/loss" in r]
+    assert [r["step"] for r in val] == [100, 200, 300, 400]
+    assert val[-1]["val/loss"] < val[0]["val/loss"], "the demo's validation loss did not fall"
+    assert (run_dir / "samples" / "step-00000400.jsonl").is_file() and (run_dir / "samples.html").is_file()
 
     caption_out, _ = outputs["tools/generate runs/demo --image demo_data/photos/chelsea.jpg"]
     greedy = re.search(r"^greedy:\s*(.*)$", caption_out, flags=re.M)

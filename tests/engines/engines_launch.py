@@ -16,8 +16,10 @@ BIN = REPO / ".venv" / "bin"
 TRAIN = REPO / "launch" / "train.py"
 DEMO_SPEC = REPO / "launch" / "specs" / "demo.yaml"
 
-# a short demo run: 4 steps of small batches, no loader workers, a line and a metrics row per step
+# a short demo run: 4 steps of small batches, no loader workers, a line and a metrics row per step, no validation
+# (the runs that test it set logging.eval_every_n_steps)
 FAST = [
+    "logging.eval_every_n_steps=0",
     "run.max_steps=4", "logging.every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
     "data.datasets.laion.batch_size=4", "data.datasets.mmc4.batch_size=2",
     "data.datasets.laion.workers=0", "data.datasets.mmc4.workers=0",
@@ -74,9 +76,18 @@ def launch_command(how: str, name: str, sets: list[str] = (), ds_config: str | N
     return cmd
 
 
+def rows_of(cwd: Path, name: str) -> list[dict]:
+    return [json.loads(l) for l in (cwd / "runs" / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
 def losses(cwd: Path, name: str) -> dict[int, dict]:
-    rows = [json.loads(l) for l in (cwd / "runs" / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return {r["step"]: r for r in rows}
+    """step -> the training row."""
+    return {r["step"]: r for r in rows_of(cwd, name) if "loss" in r}
+
+
+def val_losses(cwd: Path, name: str) -> dict[int, dict]:
+    """step -> the validation row."""
+    return {r["step"]: r for r in rows_of(cwd, name) if "val/loss" in r}
 
 
 def job(name: str, sets: list[str] = (), ds_config: str | None = None, *, copy: tuple[Path, Path] | None = None,

@@ -1,20 +1,24 @@
 """End-to-end runs of launch/train.py's training (`of_ds.train.run.run`) on the demo data, 2 CPU ranks (gloo): every
 ZeRO stage and offload config, DDP, FSDP2; trajectories compared; exact resume; export round-trip (ZeRO-2 and
 ZeRO-3). The runs of this module share a few launches (`launch_runs`: every 2-rank run, the 1-rank ones, the NVMe
-resumes), each run as one launch/train.py command would do it.
+resumes), each run as one launch/train.py command would do it. Validation (loss, samples, the safetensors export) is
+checked on the ZeRO-2, ZeRO-3, resumed and FSDP runs of the same launch.
 
 fp32 tolerance: ZeRO-1/2/3 and FSDP reduce gradients in a different order (bucketed / reduce-scatter) than DDP's
 all-reduce; over 4 steps of the demo model the logged losses agree to 2e-5 relative (we assert 1e-4)."""
 
 from __future__ import annotations
 
+import html
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from engines_launch import job, launch, launch_runs, losses
+from engines_launch import job, launch, launch_runs, losses, val_losses
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +38,9 @@ FUSED = [  # (ds_config, sets) of test_one_pass_for_both_datasets_matches_separa
     ("zero2.json", ["engine.compile=true", "engine.compile_targets=[loss]"]),
     ("zero3.json", ["engine.zero_stage=3", "engine.compile=true", "engine.compile_targets=[loss]"]),
 ]
+# validation and samples at steps 2 and 4 (FAST turns them off elsewhere); short samples (ZeRO-3 gathers every
+# module's weights for each generated token)
+VAL = ["logging.eval_every_n_steps=2", "logging.sample_max_new_tokens=8"]
 NVME_SETS = ["engine.zero_stage=3", "engine.offload_param=nvme", "engine.offload_optimizer=nvme"]
 SCHED = ["optim.warmup_steps=2"]  # the demo's cosine with a warmup short enough to decay within 4 steps
 STEP4 = Path("checkpoints") / "step-00000004"
@@ -91,12 +98,12 @@ def two_rank(workdir):
     if nvme_available():  # the process's first ZeRO-3 engine, numbered as a fresh process numbers it (see nvme_resume)
         jobs.append(job("zero3_nvme", [*NVME_SETS, f"engine.nvme_path={workdir / 'nvme'}"], "zero3.json"))
     jobs += [job(c.removesuffix(".json"), [f"engine.zero_stage={c[4]}", *sets], c) for c, sets in ZERO_CONFIGS]
-    jobs += [job("fsdp", ["engine.kind=fsdp"])]
+    jobs += [job("fsdp", ["engine.kind=fsdp", "logging.eval_every_n_steps=4"])]
     jobs += [job(fused_name(c, sets), [*sets, "engine.fuse_datasets=true"], c) for c, sets in FUSED]
     jobs += [
-        job("zero3", ["engine.zero_stage=3"], "zero3.json"),
-        job("zero2", [], "zero2.json"),
-        job("resumed", [], "zero2.json", copy=(runs / "zero2" / STEP2, runs / "resumed" / STEP2)),
+        job("zero3", ["engine.zero_stage=3", *VAL], "zero3.json"),
+        job("zero2", VAL, "zero2.json"),
+        job("resumed", VAL, "zero2.json", copy=(runs / "zero2" / STEP2, runs / "resumed" / STEP2)),
         job("zero3_from_zero2", ["engine.zero_stage=3"], "zero3.json", copy=(runs / "zero2" / STEP2, runs / "zero3_from_zero2" / STEP2), expect_error=True),
         *lr_change_jobs(runs),
         *resume_policy_jobs(runs),
@@ -366,6 +373,123 @@ def test_export_round_trip(workdir, ddp, run, monkeypatch):
     ddp_export = torch.load(export_checkpoint(workdir / "runs" / "ddp", workdir / "ddp.pt"), map_location="cpu")
     for k in sd:
         torch.testing.assert_close(sd[k], ddp_export[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_safetensors_export_gives_the_pt_exports_logits(workdir, run, monkeypatch, capsys):
+    """tools/export_checkpoint --format safetensors: the .pt export's tensors, and tools/generate builds the model
+    from either file without --spec (the spec beside the .pt; inside the safetensors file, its sidecar removed)."""
+    from of_ds.generate_cli import build_from_checkpoint, main as generate
+    from of_ds.model import image_processor_config
+    from of_ds.spec import RunSpec
+    from of_ds.train.export import main as export, spec_beside
+    from of_ds.data.held_out import held_out_batches
+
+    monkeypatch.chdir(workdir)
+    pt, st = workdir / f"{run}_export.pt", workdir / f"{run}_export.safetensors"
+    assert export([str(workdir / "runs" / run), str(pt)]) == 0
+    assert export([str(workdir / "runs" / run), str(st), "--format", "safetensors"]) == 0
+    model_pt, _, tok = build_from_checkpoint(pt, None, [])  # the spec beside it
+    spec_beside(st).unlink()  # the safetensors file carries the spec itself
+    model_st, _, _ = build_from_checkpoint(st, None, [])
+    want, got = model_pt.trainable_state_dict(), model_st.trainable_state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    spec = RunSpec.from_yaml(workdir / "runs" / run / STEP2 / "spec.yaml")
+    b = next(held_out_batches(spec.dataset("mmc4"), spec.run.seed, tok, image_processor_config(model_pt), 0, 2))
+    with torch.no_grad():
+        logits = [m.eval()(b["pixel_values"], b["input_ids"], b["attention_mask"], num_images=tuple(b["num_images"].tolist())).logits
+                  for m in (model_pt, model_st)]
+    assert torch.equal(logits[0], logits[1])
+    capsys.readouterr()
+    assert generate([str(st), "--image", str(workdir / "demo_data" / "photos" / "chelsea.jpg"), "--max-new-tokens", "4",
+                     "--num-beams", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+def checkpoint_model(step_dir: Path):
+    """-> (model in eval mode, spec, tokenizer, image config) of a checkpoint, in one process."""
+    from of_ds.model import image_processor_config
+    from of_ds.model.tokenizer import load_tokenizer
+    from of_ds.train.export import load_checkpoint_into_model
+
+    model, spec = load_checkpoint_into_model(step_dir)
+    tok = load_tokenizer(spec.model.tokenizer, offline=True)
+    return model.eval(), spec, tok, image_processor_config(model)
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_validation_loss_equals_a_one_process_evaluation(workdir, two_rank, run, monkeypatch):
+    """At steps 2 and 4 (ZeRO-3: 4) the logged validation loss of each dataset is the token mean, over both ranks'
+    held-out batches, of the loss of the checkpoint saved at that step evaluated here in one process; perplexity its
+    exp; val/loss the loss_weight sum."""
+    from of_ds.data.held_out import held_out_batches
+    from of_ds.train.validate import target_count
+
+    monkeypatch.chdir(workdir)
+    rows = val_losses(workdir, run)
+    assert sorted(rows) == [2, 4]
+    assert f"step 4/4 | val loss {rows[4]['val/loss']:.4f} | laion " in two_rank[run]["out"]
+    for step in (2, 4) if run == "zero2" else (4,):
+        model, spec, tok, cfg = checkpoint_model(workdir / "runs" / run / "checkpoints" / f"step-{step:08d}")
+        row, weighted = rows[step], 0.0
+        for ds in spec.data.datasets:
+            total, targets = 0.0, 0
+            with torch.no_grad():
+                for rank in (0, 1):
+                    for b in held_out_batches(ds, spec.run.seed, tok, cfg, rank, 2):
+                        n = target_count(b)
+                        loss = model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"],
+                                     num_images=tuple(b["num_images"].tolist())).loss
+                        total, targets = total + float(loss) * n, targets + n
+            assert row[f"val/tokens/{ds.name}"] == targets > 0
+            assert row[f"val/loss/{ds.name}"] == pytest.approx(total / targets, rel=1e-5), (step, ds.name)
+            assert row[f"val/ppl/{ds.name}"] == pytest.approx(torch.tensor(row[f"val/loss/{ds.name}"]).exp().item(), rel=1e-6)
+            weighted += ds.loss_weight * row[f"val/loss/{ds.name}"]
+        assert row["val/loss"] == pytest.approx(weighted, rel=1e-12)
+    meta = json.loads((workdir / "runs" / run / "checkpoints" / "step-00000004" / "meta.json").read_text())
+    assert meta["val_loss"] == rows[4]["val/loss"]
+
+
+def test_validation_is_deterministic_across_a_resume_and_engines(workdir, two_rank):
+    """The run resumed at step 2 evaluates at step 4 exactly as the uninterrupted one (loss and samples); ZeRO-3 and
+    FSDP evaluate the same weights to fp32 rounding; evaluating does not change the training trajectory."""
+    full, resumed = val_losses(workdir, "zero2"), val_losses(workdir, "resumed")
+    assert sorted(resumed) == [4]
+    assert {k: v for k, v in resumed[4].items() if k != "eval_s"} == {k: v for k, v in full[4].items() if k != "eval_s"}
+    samples = [(workdir / "runs" / r / "samples" / "step-00000004.jsonl").read_text() for r in ("zero2", "resumed")]
+    assert samples[0] == samples[1]
+    for other in ("zero3", "fsdp"):
+        got = val_losses(workdir, other)[4]
+        for k in ("val/loss", "val/loss/laion", "val/loss/mmc4"):
+            assert got[k] == pytest.approx(full[4][k], rel=RTOL), (other, k)
+    assert sorted(val_losses(workdir, "fsdp")) == [4] and (workdir / "runs" / "fsdp" / "samples" / "step-00000004.jsonl").is_file()
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_samples_come_from_the_model(workdir, two_rank, run, monkeypatch):
+    """samples/step-N.jsonl: 4 greedy captions and one interleaved continuation, the ones this checkpoint's model
+    gives in one process; opening the cross-attention gates changes them. tools/plot_run's page shows them."""
+    from of_ds.train.plot import samples_page
+    from of_ds.train.samples import SampleSet
+
+    monkeypatch.chdir(workdir)
+    folder = workdir / "runs" / run / "samples"
+    assert sorted(p.name for p in folder.glob("step-*.jsonl")) == ["step-00000002.jsonl", "step-00000004.jsonl"]
+    records = [json.loads(line) for line in (folder / "step-00000004.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["caption"] * 4 + ["interleaved"]
+    assert all((folder / name).is_file() for r in records for name in r["images"]) and len(records[-1]["images"]) >= 2
+    assert all(r["prompt"] == "<image>" and r["reference"] for r in records[:4])
+    model, spec, tok, cfg = checkpoint_model(workdir / "runs" / run / "checkpoints" / "step-00000004")
+    samples = SampleSet.build(spec, tok, cfg, workdir / "unused", SimpleNamespace(device=torch.device("cpu")))
+    outputs = [r["output"] for r in records]
+    with torch.no_grad():
+        assert [r["output"] for r in samples.generate(model, 4)] == outputs
+        for block in model.cross_attention_blocks():
+            block.attn_gate.fill_(1.0), block.ff_gate.fill_(1.0)
+        assert [r["output"] for r in samples.generate(model, 4)] != outputs
+    page = samples_page(workdir / "runs" / run).read_text()
+    assert all(html.escape(o) in page for o in outputs) and "samples/images/0-0.jpg" in page
 
 
 def test_dry_run_prints_counts_config_and_recommendation(workdir):

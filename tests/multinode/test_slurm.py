@@ -47,7 +47,8 @@ def test_slurm_script_runs_one_launcher_per_node(demo_data_dir, tmp_path):
         SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1", MASTER_PORT=str(port),
         HOSTFILE=str(tmp_path / "hostfile"),
     )
-    sets = [*demo_overrides(demo_data_dir), f"run.output_dir={tmp_path}", "run.max_steps=2", "logging.progress_bar=false"]
+    sets = [*demo_overrides(demo_data_dir), f"run.output_dir={tmp_path}", "run.max_steps=2", "logging.progress_bar=false",
+            "logging.eval_every_n_steps=0"]
     args = [str(REPO / "launch/slurm_train.sh"), "--spec", str(DEMO_SPEC)]
     for s in sets:
         args += ["--set", s]

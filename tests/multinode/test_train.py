@@ -29,7 +29,7 @@ def _port() -> int:
 def _train_args(data: Path, out: Path, max_steps: int, *extra: str) -> list[str]:
     sets = [
         *demo_overrides(data), f"run.output_dir={out}", f"run.max_steps={max_steps}", "checkpoint.every_n_steps=2",
-        "logging.every_n_steps=1", "logging.progress_bar=false", *extra,
+        "logging.every_n_steps=1", "logging.progress_bar=false", "logging.eval_every_n_steps=0", *extra,
     ]
     args = ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), "--spec", str(DEMO_SPEC)]
     for s in sets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,67 @@ def test_the_summary_counts_a_relogged_step_once(tmp_path):
              {"step": 4, "val/laion/loss": 0.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert logged_losses(tmp_path / "metrics.jsonl", 4) == {"loss": {"final": 2.25, "final_step": 4, "best": 2.0, "best_step": 2}}
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_besides_the_last(tiny_tokenizer_dir, runtime, tmp_path):
+    """checkpoint.keep_best: the step with the lowest validation loss (meta.json's val_loss, given to the loop by
+    the validation hook) stays besides the newest keep_last, and checkpoints/best names it; a later better one
+    replaces it."""
+    from of_ds.train.loop import train_loop
+
+    spec, _, data, engine, ck, m = make(tiny_tokenizer_dir, runtime, tmp_path, "best", checkpoint={"every_n_steps": 1, "keep_last": 1})
+    ck.keep_best = True
+    val = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5}
+    train_loop(engine, data, spec, runtime, ck, m, TrainState(), 4, validation=lambda engine, step: val[step])
+    assert [p.name for p in complete_checkpoints(ck.root)] == ["step-00000002", "step-00000004"]
+    assert (ck.root / "best").read_text().strip() == "step-00000002"
+    assert json.loads((ck.root / "step-00000002" / "meta.json").read_text())["val_loss"] == 1.0
+    assert ck.latest().name == "step-00000004"  # resume still takes the newest
+    assert CheckpointManager.best(complete_checkpoints(ck.root)).name == "step-00000002"
+
+
+def test_samples_go_to_a_file_a_wandb_table_and_tensorboard(tmp_path, monkeypatch):
+    """SampleSet.write: RUN_DIR/samples/step-N.jsonl, each prompt's images once under samples/images/, and with
+    wandb on a `samples` table (wandb offline here), with TensorBoard on each prompt's image and a text table."""
+    pytest.importorskip("wandb")
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from of_ds.train.loggers import Loggers
+
+    from PIL import Image
+
+    from of_ds.train.samples import Prompt, SampleSet
+
+    def png(color) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    prompts = [Prompt("caption", "k0", "<image>", "a red square", [png((200, 0, 0))]),
+               Prompt("interleaved", "d0", "<image>one.<image>", "two.", [png((0, 200, 0)), png((0, 0, 200))])]
+    samples = SampleSet.__new__(SampleSet)
+    samples.prompts, samples.run_dir = prompts, tmp_path
+    records = [{"step": 5, "kind": p.kind, "key": p.key, "images": SampleSet._image_names(i, p), "prompt": p.text,
+                "reference": p.reference, "output": f"out {i}"} for i, p in enumerate(prompts)]
+    spec = RunSpec.from_yaml(Path(__file__).resolve().parents[2] / "launch" / "specs" / "demo.yaml", [f"run.output_dir={tmp_path}", "logging.wandb.mode=offline", "logging.wandb.project=t",
+                                         "logging.tensorboard=true"])
+    loggers = Loggers(spec, tmp_path, 10, is_main=True)
+    try:
+        path = samples.write(records, 5, loggers)
+    finally:
+        loggers.close()
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["kind", "image", "prompt", "reference", "output"]
+    assert [row[-1] for row in table["data"]] == ["out 0", "out 1"]
+    assert path == tmp_path / "samples" / "step-00000005.jsonl"
+    assert [json.loads(line)["output"] for line in path.read_text().splitlines()] == ["out 0", "out 1"]
+    assert sorted(p.name for p in (tmp_path / "samples" / "images").iterdir()) == ["0-0.jpg", "1-0.jpg", "1-1.jpg"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples/0")] == [5] and [e.step for e in events.Images("samples/1")] == [5]
+    (text,) = events.Tensors("samples/text_summary")
+    assert text.step == 5 and b"out 1" in text.tensor_proto.string_val[0] and b"a red square" in text.tensor_proto.string_val[0]

@@ -42,6 +42,7 @@ def work(tmp_path, monkeypatch):
     for kind in ("laion", "mmc4"):
         for i in range(2):
             write_tar(tmp_path / "data" / kind / f"{i:06d}.tar")
+        write_tar(tmp_path / "data" / f"{kind}_val" / "000000.tar")
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
     (tmp_path / "lm").mkdir()
@@ -51,6 +52,8 @@ def work(tmp_path, monkeypatch):
         "run.demo_data=null",
         f"data.datasets.laion.shards={tmp_path}/data/laion/{{000000..000001}}.tar",
         f"data.datasets.mmc4.shards={tmp_path}/data/mmc4/{{000000..000001}}.tar",
+        f"data.datasets.laion.val_shards={tmp_path}/data/laion_val/000000.tar",
+        f"data.datasets.mmc4.val_shards={tmp_path}/data/mmc4_val/000000.tar",
         f"model.tokenizer={tmp_path}/tok",
         f"model.lm.name_or_path={tmp_path}/lm",
         f"model.lm.cache_dir={tmp_path}/hf-cache",
@@ -107,6 +110,16 @@ def test_missing_shards(work, mode, capsys):
     line = one_line(refused(root, argv(sets + [f"data.datasets.mmc4.shards={root}/nope/{{000000..000003}}.tar"], mode), capsys),
                     "data.datasets.mmc4.shards")
     assert "4 of 4 shard(s) not found" in line and f"{root}/nope/000000.tar" in line
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_held_out_shards(work, mode, capsys):
+    root, sets = work
+    line = one_line(refused(root, argv(sets + [f"data.datasets.laion.val_shards={root}/nope/val.tar"], mode), capsys),
+                    "data.datasets.laion.val_shards")
+    assert "1 of 1 shard(s) not found" in line and f"{root}/nope/val.tar" in line
+    assert preflight_problems(RunSpec.from_yaml(DEMO, sets + [f"data.datasets.laion.val_shards={root}/nope/val.tar",
+                                                               "logging.eval_every_n_steps=0"])) == []  # not read
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -219,13 +232,21 @@ def test_remote_shards_are_accepted_and_a_pipe_needs_its_program(work, capsys):
 
 def test_the_demo_paths_are_not_refused_before_the_demo_data_is_made(tmp_path, monkeypatch):
     """run.demo_data: the demo spec's data, tokenizer, LM and vision weights are made on first use; once the demo
-    data is complete (DONE), its paths are checked like any other."""
+    data is complete (DONE and every part), its paths are checked like any other."""
     monkeypatch.chdir(tmp_path)
     spec = RunSpec.from_yaml(DEMO)  # demo_data/... relative to the working directory, none of it there
     assert preflight_problems(spec) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made by the check
-    (tmp_path / "demo_data").mkdir()
-    (tmp_path / "demo_data" / "DONE").write_text("")
+    from of_ds.demo import EXPECTED
+
+    demo = tmp_path / "demo_data"
+    demo.mkdir()
+    (demo / "DONE").write_text("")
+    (demo / "vit.pt").write_bytes(b"")
+    for part in set(EXPECTED) - {"DONE", "vit.pt", "laion_val"}:
+        (demo / part).mkdir()
+    assert preflight_problems(spec) == []  # a demo dir from before the held-out split: the run makes it anew
+    (demo / "laion_val").mkdir()
     fields = {line.split(":", 1)[0] for line in preflight_problems(spec)}
-    assert fields == {"data.datasets.laion.shards", "data.datasets.mmc4.shards", "model.tokenizer",
-                      "model.lm.name_or_path", "model.vision.pretrained"}
+    assert fields == {"data.datasets.laion.shards", "data.datasets.mmc4.shards", "data.datasets.laion.val_shards",
+                      "data.datasets.mmc4.val_shards"}

@@ -23,24 +23,27 @@ SUMMARY = "summary.json"
 
 
 def logged_losses(metrics_path: Path, last_step: int) -> dict[str, dict]:
-    """Per loss key ("loss", "loss/<dataset>"): the final and best logged value and their steps, over the rows of
-    steps up to `last_step` (a resumed run's re-logged steps count once: the later row)."""
-    rows: dict[int, dict] = {}
+    """Per loss key (training: "loss", "loss/<dataset>"; validation: "val/loss", "val/loss/<dataset>"): the final
+    and best logged value and their steps, over the rows of steps up to `last_step` (a resumed run's re-logged
+    steps count once: the later row)."""
+    kinds: dict[str, dict[int, dict]] = {"loss": {}, "val/loss": {}}  # training rows, validation rows, by step
     if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                if "loss" in row and row.get("step", math.inf) <= last_step:
-                    rows[row["step"]] = row
+                kind = next((k for k in kinds if k in row), None)
+                if kind is not None and row.get("step", math.inf) <= last_step:
+                    kinds[kind][row["step"]] = row
     out: dict[str, dict] = {}
-    for step in sorted(rows):
-        for k, v in rows[step].items():
-            if k != "loss" and not k.startswith("loss/") or not isinstance(v, (int, float)):
-                continue
-            entry = out.setdefault(k, {"final": v, "final_step": step, "best": None, "best_step": None})
-            entry.update(final=v, final_step=step)
-            if math.isfinite(v) and (entry["best"] is None or v < entry["best"]):
-                entry.update(best=v, best_step=step)
+    for kind, rows in kinds.items():
+        for step in sorted(rows):
+            for k, v in rows[step].items():
+                if k != kind and not k.startswith(kind + "/") or not isinstance(v, (int, float)):
+                    continue
+                entry = out.setdefault(k, {"final": v, "final_step": step, "best": None, "best_step": None})
+                entry.update(final=v, final_step=step)
+                if math.isfinite(v) and (entry["best"] is None or v < entry["best"]):
+                    entry.update(best=v, best_step=step)
     return out
 
 
@@ -62,6 +65,11 @@ def build_summary(spec: RunSpec, checkpoints: CheckpointManager, state: TrainSta
     latest = checkpoints.latest()
     paths = {"run_dir": run_dir.resolve(), "checkpoints": checkpoints.root.resolve(), "latest_checkpoint": latest and latest.resolve(),
              "metrics": (run_dir / "metrics.jsonl").resolve(), "train_log": (run_dir / TRAIN_LOG).resolve()}
+    if (run_dir / "samples").is_dir():
+        paths["samples"] = (run_dir / "samples").resolve()
+    best = checkpoints.root / "best"
+    if spec.checkpoint.keep_best and best.is_file():
+        paths["best_checkpoint"] = (checkpoints.root / best.read_text().strip()).resolve()
     if spec.logging.tensorboard:
         paths["tensorboard"] = (run_dir / TENSORBOARD).resolve()
     if spec.logging.wandb.mode != "disabled":
@@ -87,7 +95,9 @@ def format_summary(s: dict) -> str:
     ]
     for key, e in s["loss"].items():
         best = f"best {e['best']:.4f} (step {e['best_step']})" if e["best"] is not None else "best -"
-        lines.append(f"{'loss' if key == 'loss' else key.split('/', 1)[1] + ' loss'}:".ljust(13)
+        name = {"loss": "loss", "val/loss": "val loss"}.get(key) or (
+            f"{key.removeprefix('val/loss/')} val" if key.startswith("val/") else f"{key.removeprefix('loss/')} loss")
+        lines.append(f"{name}:".ljust(13)
                      + f"final {e['final']:.4f} (step {e['final_step']}), {best}")
     for name in s["samples_seen"]:
         lines.append(f"{name} seen:".ljust(13) + f"{s['samples_seen'][name]:,} samples, {s['tokens_seen'].get(name, 0):,} tokens")
@@ -101,6 +111,10 @@ def format_summary(s: dict) -> str:
         f"metrics:     {p['metrics']}  (plot: tools/plot_run {p['run_dir']})",
         f"console log: {p['train_log']}",
     ]
+    if "best_checkpoint" in p:
+        lines.append(f"best:        {p['best_checkpoint']} (lowest val/loss; checkpoint.keep_best)")
+    if "samples" in p:
+        lines.append(f"samples:     {p['samples']}  (page: tools/plot_run {p['run_dir']} -> samples.html)")
     if "tensorboard" in p:
         lines.append(f"tensorboard: tensorboard --logdir {p['tensorboard']}")
     if "wandb" in p:

@@ -282,9 +282,15 @@ def test_the_summary_counts_a_relogged_step_once(tmp_path):
 
     lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0},  # a crash after step 3
              {"step": 3, "loss": 2.5}, {"step": 4, "loss": 2.25}, {"step": 5, "loss": 9.0},  # resumed at 2
-             {"step": 4, "val/laion/loss": 0.5}]
+             {"step": 4, "val/laion/loss": 0.5},  # a row of another name: not a loss key
+             {"step": 2, "val/loss": 1.5, "val/loss/laion": 1.5, "val/ppl/laion": 4.5},  # validation rows
+             {"step": 4, "val/loss": 1.75, "val/loss/laion": 1.75}, {"step": 4, "val/loss": 1.25, "val/loss/laion": 1.25}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert logged_losses(tmp_path / "metrics.jsonl", 4) == {"loss": {"final": 2.25, "final_step": 4, "best": 2.0, "best_step": 2}}
+    assert logged_losses(tmp_path / "metrics.jsonl", 4) == {
+        "loss": {"final": 2.25, "final_step": 4, "best": 2.0, "best_step": 2},
+        "val/loss": {"final": 1.25, "final_step": 4, "best": 1.25, "best_step": 4},
+        "val/loss/laion": {"final": 1.25, "final_step": 4, "best": 1.25, "best_step": 4},
+    }
 
 
 def test_keep_best_keeps_the_lowest_validation_loss_besides_the_last(tiny_tokenizer_dir, runtime, tmp_path):

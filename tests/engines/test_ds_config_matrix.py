@@ -51,6 +51,7 @@ def sets_for(spec_name: str, root: Path, tokenizer_dir: str) -> list[str]:
     if spec_name == "demo.yaml":
         sets += ["run.demo_data=null", f"model.tokenizer={tokenizer_dir}", "model.lm.name_or_path=null", TINY_LM,
                  "model.vision.pretrained=null"]
+        sets += [f"data.datasets.{k}.val_shards={root}/{k}/000000.tar" for k in ("laion", "mmc4")]  # its held-out split
     return sets
 
 

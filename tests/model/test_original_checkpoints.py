@@ -262,7 +262,8 @@ def test_carry_the_original_optimizer_under_ddp(written, tiny_tokenizer_dir, tmp
         else:
             assert len(state) == 0
         hooks = types.SimpleNamespace(data_wait_timer=contextlib.nullcontext, should_log=lambda step: False,
-                                      should_save=lambda step, total: False, observe=lambda batch, loss: None, step=lambda *a: None)
+                                      should_save=lambda step, total: False, observe=lambda batch, loss: None,
+                                      step=lambda *a, **k: None, settle_totals=lambda state: None)
         assert train_loop(engine, data, spec, runtime, hooks, hooks, TrainState(), 1).step == 1
         after[carry] = ours.perceiver.latents.detach().clone()
     assert not torch.allclose(after["fresh"], after["carry"])  # the carried moments changed the update

@@ -117,7 +117,7 @@ def run_ours(model_spec, ours, batches):
     hooks = types.SimpleNamespace(  # the loop's metrics and checkpoint manager: record, never log or save
         data_wait_timer=contextlib.nullcontext, should_log=lambda step: False, should_save=lambda step, total: False,
         observe=lambda batch, loss: losses.append((float(loss["laion"]), float(loss["mmc4"]))),
-        step=lambda step, stats, state, drops: norms.append(float(stats.grad_norm)))
+        step=lambda step, stats, state, drops, force=False: norms.append(float(stats.grad_norm)), settle_totals=lambda state: None)
     assert train_loop(build_engine(ours, spec, runtime, STEPS), batches, spec, runtime, hooks, hooks, TrainState(), STEPS).step == STEPS
     return losses, norms
 

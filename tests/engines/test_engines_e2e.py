@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,7 +40,6 @@ FUSED = [  # (ds_config, sets) of test_one_pass_for_both_datasets_matches_separa
 # validation and samples at steps 2 and 4 (FAST turns them off elsewhere); short samples (ZeRO-3 gathers every
 # module's weights for each generated token)
 VAL = ["logging.eval_every_n_steps=2", "logging.sample_max_new_tokens=8"]
-NVME_SETS = ["engine.zero_stage=3", "engine.offload_param=nvme", "engine.offload_optimizer=nvme"]
 SCHED = ["optim.warmup_steps=2"]  # the demo's cosine with a warmup short enough to decay within 4 steps
 STEP4 = Path("checkpoints") / "step-00000004"
 
@@ -74,14 +72,6 @@ def fused_name(config, sets) -> str:
     return f"fused_{(config or 'ddp').removesuffix('.json')}" + ("_compiled_loss" if "engine.compile=true" in sets else "")
 
 
-def nvme_available() -> bool:
-    if Path("/usr/include/libaio.h").is_file():
-        return True
-    if os.environ.get("CI", "").lower() == "true":  # NVMe offload needs libaio's headers (Debian package libaio-dev)
-        pytest.fail("NVMe offload needs libaio's headers (Debian package libaio-dev); CI must provide it (see .ci/run)", pytrace=False)
-    return False
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, link_demo_data):
     """The launch dir of this module's runs, holding the session's demo dataset."""
@@ -95,8 +85,6 @@ def two_rank(workdir):
     """Every 2-rank run of this module, in one launch: name -> {"out", "err"}."""
     runs = workdir / "runs"
     jobs = [job("ddp", ["engine.kind=ddp"])]
-    if nvme_available():  # the process's first ZeRO-3 engine, numbered as a fresh process numbers it (see nvme_resume)
-        jobs.append(job("zero3_nvme", [*NVME_SETS, f"engine.nvme_path={workdir / 'nvme'}"], "zero3.json"))
     jobs += [job(c.removesuffix(".json"), [f"engine.zero_stage={c[4]}", *sets], c) for c, sets in ZERO_CONFIGS]
     jobs += [job("fsdp", ["engine.kind=fsdp", "logging.eval_every_n_steps=4"])]
     jobs += [job(fused_name(c, sets), [*sets, "engine.fuse_datasets=true"], c) for c, sets in FUSED]
@@ -109,20 +97,6 @@ def two_rank(workdir):
         *resume_policy_jobs(runs),
     ]
     return launch_runs(workdir, jobs)
-
-
-@pytest.fixture(scope="module")
-def nvme_resume(workdir, two_rank):
-    """The NVMe run's resumes, in a launch of their own: ZeRO-3 numbers its parameters per process and the swap
-    files carry those numbers, so the NVMe run is the first ZeRO-3 engine of its launch and its resume the first of
-    this one, as in two fresh processes."""
-    if "zero3_nvme" not in two_rank:
-        pytest.skip("NVMe offload needs libaio's headers (Debian package libaio-dev)")
-    src, runs = workdir / "runs" / "zero3_nvme" / STEP2, workdir / "runs"
-    return launch_runs(workdir, [
-        job("zero3_nvme_resumed", [*NVME_SETS, f"engine.nvme_path={workdir / 'nvme'}"], "zero3.json", copy=(src, runs / "zero3_nvme_resumed" / STEP2)),
-        job("zero3_nvme_on_cpu", ["engine.zero_stage=3"], "zero3_offload.json", copy=(src, runs / "zero3_nvme_on_cpu" / STEP2), expect_error=True),
-    ])
 
 
 @pytest.fixture(scope="module")
@@ -169,31 +143,6 @@ def test_zero_stage_matches_ddp(workdir, ddp, config, sets):
     name = config.removesuffix(".json")
     assert_same_trajectory(losses(workdir, name), ddp)
     assert (workdir / "runs" / name / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
-
-
-def test_zero3_nvme_offload_matches_ddp_and_resumes_exactly(workdir, ddp, nvme_resume, monkeypatch):
-    """ZeRO-Infinity: parameters and optimizer states offloaded to a disk folder (DeepSpeed's async_io op, built on
-    first use against libaio). Same losses as DDP, the optimizer states on the disk, the export equal to DDP's, and a
-    restart from the step-2 checkpoint repeats steps 3-4 exactly (DeepSpeed alone loses the Adam moments, the small
-    sub-groups' weights and the learning rate: `load_with_nvme_optimizer_state`); resuming it with the optimizer on
-    the CPU is a clear error. (A weights-only start reads what the export reads.)"""
-    from of_ds.train.export import export_checkpoint
-
-    full = losses(workdir, "zero3_nvme")
-    assert_same_trajectory(full, ddp)
-    swapped = {p.name.split("-")[0] for p in (workdir / "nvme" / "zero_stage_3" / "optimizer").rglob("*.swp")}
-    assert {"exp_avg", "exp_avg_sq"} <= swapped, sorted(swapped)
-    # the weights read like any ZeRO-3 checkpoint's (DeepSpeed leaves the swapped ones out of *_optim_states.pt)
-    monkeypatch.chdir(workdir)
-    exported = torch.load(export_checkpoint(workdir / "runs" / "zero3_nvme", workdir / "zero3_nvme.pt"), map_location="cpu")
-    ddp_export = torch.load(export_checkpoint(workdir / "runs" / "ddp", workdir / "ddp.pt"), map_location="cpu")
-    assert sorted(exported) == sorted(ddp_export)
-    for k in ddp_export:
-        torch.testing.assert_close(exported[k], ddp_export[k], rtol=1e-4, atol=1e-5, msg=k)
-
-    assert "resumed from" in nvme_resume["zero3_nvme_resumed"]["out"]
-    assert_repeats_steps_3_and_4(losses(workdir, "zero3_nvme_resumed"), full)
-    assert "saved with the optimizer state on NVMe, but this run keeps it not on NVMe" in nvme_resume["zero3_nvme_on_cpu"]["err"]
 
 
 def test_fsdp_matches_ddp(workdir, ddp):

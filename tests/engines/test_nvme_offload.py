@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engines_launch import job, launch_runs, losses
-from test_engines_e2e import STEP2, assert_repeats_steps_3_and_4, assert_same_trajectory
+from test_engines_e2e import STEP2, assert_repeats_steps_3_and_4, assert_same_trajectory, workdir  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.async_io]
 
@@ -25,13 +25,6 @@ def nvme_available() -> bool:
     if os.environ.get("CI", "").lower() == "true":  # NVMe offload needs libaio's headers (Debian package libaio-dev)
         pytest.fail("NVMe offload needs libaio's headers (Debian package libaio-dev); CI must provide it (see .ci/run)", pytrace=False)
     return False
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, link_demo_data):
-    d = tmp_path_factory.mktemp("nvme")
-    link_demo_data(d / "demo_data")
-    return d
 
 
 @pytest.fixture(scope="module")

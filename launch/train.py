@@ -28,7 +28,13 @@ def main(argv=None) -> int:
     from of_ds.train.run import run
 
     runtime = build_runtime(spec.engine)
-    run(spec, runtime)
+    try:
+        run(spec, runtime)
+    except SpecError as e:  # a resume's refused spec changes: every rank finds them, one says which
+        if runtime.is_main:
+            print(f"launch/train.py: {e}", file=sys.stderr, flush=True)
+        runtime.shutdown()
+        return 2
     runtime.shutdown()
     return 0
 

@@ -7,7 +7,9 @@ DataLoader process i the role of logical worker (s + i) % W, each continuing aft
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import signal
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -56,9 +58,19 @@ class DatasetPosition:
 def ignore_stop_signals(worker_id: int) -> None:
     """In a loader worker: SIGTERM and SIGINT are the main process's to act on (it finishes its step and saves a
     checkpoint). A launcher or scheduler signals the whole process tree; torch's workers would die of it and take
-    the step with them. They still end with the main process (torch's workers watch it)."""
+    the step with them. They still end with the main process (torch's workers watch it, and `_kill_workers_at_exit`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """At the main process's exit, daemonic children still alive (loader workers of an iterator that an error left
+    open) get SIGKILL. multiprocessing's own exit handler, which runs after this one, would SIGTERM them, which
+    they ignore, and then wait for them forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class TrainData:

@@ -135,3 +135,26 @@ def test_missing_shards_and_sizes_are_reported_by_field_and_file(tmp_path, token
     spec = make_spec(dict(name="laion", kind="laion", shards=str(tmp_path / "shard-0.tar"), batch_size=1))
     with pytest.raises(FileNotFoundError, match=r"samples_per_epoch.*sizes\.json"):
         build_train_data(spec, tokenizer, IMAGE_SPEC, RUNTIME)
+
+
+def test_a_process_whose_loader_an_error_left_open_still_exits():
+    """Loader workers ignore SIGTERM (the main process acts on a scheduler's signal), so multiprocessing's exit
+    handler, which SIGTERMs daemonic children and then joins them, would wait forever for workers whose iterator an
+    error left open; the loader's own exit handler kills them first."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch.utils.data import DataLoader, IterableDataset\n"
+        "from of_ds.data.loader import ignore_stop_signals\n"
+        "class Forever(IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        while True:\n"
+        "            yield torch.zeros(1)\n"
+        "left_open = iter(DataLoader(Forever(), batch_size=None, num_workers=2, worker_init_fn=ignore_stop_signals))\n"
+        "next(left_open)\n"
+        "print('exiting', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

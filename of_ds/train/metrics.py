@@ -41,7 +41,6 @@ class Metrics:
         self.names = [d.name for d in spec.data.datasets]
         self.flops_per_step = flops_per_step  # one rank's forward+backward of one micro-step
         self.peak = device_peak_tflops(runtime.device)
-        self.path = Path(run_dir) / "metrics.jsonl"
         self.loggers = Loggers(spec, Path(run_dir), total_steps, runtime.is_main)
         self.unsettled_tokens = {n: 0 for n in self.names}  # this rank's, not yet in the train state's totals
         self._reset_window()

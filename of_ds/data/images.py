@@ -5,7 +5,9 @@ crop, to-tensor, normalize) without torch. Normalisation is a per-channel 256-en
 entries are computed with the float32 operations of `ToTensor` + `Normalize`, in the same order, so it is
 bit-identical to them.
 
-`draft=False` (the default, exact): PIL decode, PIL bicubic resize and crop: bit-identical to open_clip's output.
+`draft=False` (the default, exact): PIL decode, then Pillow's bicubic resize computed for the center crop's
+pixels only (`resample.resize_crop`, Pillow's fixed-point arithmetic reproduced bit for bit): bit-identical to
+open_clip's output. `kernel=False` resizes the whole image with PIL and crops, as open_clip does ('exact-pil').
 
 `draft=True` (opt-in, "fast"): a JPEG whose shortest side is at least 4x the output is decoded by libjpeg at a
 reduced DCT scale (1/2, 1/4 or 1/8: `jpeg_scale`), chosen so that at least a 2x reduction is left after it, and
@@ -26,6 +28,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from .drops import DropSample
+from .resample import FILTERS as RESAMPLE_FILTERS, resize_crop, warm_up
 
 try:
     import cv2
@@ -135,7 +138,7 @@ def open_image(data: bytes) -> Image.Image:
 class ImageTransform:
     """Decode bytes and write open_clip's eval transform of the image into a `[3, H, W]` float32 slot."""
 
-    def __init__(self, spec: ImageSpec, draft: bool = False):
+    def __init__(self, spec: ImageSpec, draft: bool = False, kernel: bool = True):
         self.spec = spec
         self.size = spec.image_size
         self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
@@ -145,6 +148,9 @@ class ImageTransform:
             raise ValueError(f"image interpolation '{spec.interpolation}' is not supported ({', '.join(_RESAMPLE)})")
         self.resample = _RESAMPLE[spec.interpolation]
         self.draft = draft and spec.interpolation != "nearest"  # reduced decodes approximate bicubic/bilinear only
+        self.kernel = kernel and spec.interpolation in RESAMPLE_FILTERS
+        if self.kernel:
+            warm_up()  # here, in the process that forks the loader workers: they inherit the compiled kernels
         self._fallback = None
         if spec.resize_mode != "shortest" or self.size[0] != self.size[1]:
             import open_clip  # the rare modes go through open_clip itself (torch), exact by construction
@@ -154,8 +160,11 @@ class ImageTransform:
 
     @property
     def path(self) -> str:
-        """'exact' or 'fast': the decode path this transform takes (the fast one only for large JPEGs)."""
-        return "fast" if self.draft and self._fallback is None else "exact"
+        """'exact', 'exact-pil' or 'fast': the decode path this transform takes (the fast one only for large
+        JPEGs; 'exact-pil' resizes the whole image with PIL, as open_clip, instead of `resample.resize_crop`)."""
+        if self.draft and self._fallback is None:
+            return "fast"
+        return "exact" if self.kernel and self._fallback is None else "exact-pil"
 
     def __call__(self, data: bytes, out: np.ndarray, flip: bool) -> None:
         """Fill `out` ([3, H, W] float32) from encoded image bytes; DropSample('bad_image') if they do not decode."""
@@ -173,9 +182,10 @@ class ImageTransform:
     def _resize_crop(self, img: Image.Image, draft: bool = False) -> np.ndarray:
         """Resize the shortest side to S (torchvision's rounding), center crop S x S -> uint8 [S, S, 3].
 
-        Exact: PIL's resize of the decoded image, as open_clip. With `draft`, a large JPEG is first decoded at 1/k
-        scale (`jpeg_scale`) and the same resize maps the same region of that decode (box = the full image in
-        reduced coordinates), so only the decode differs."""
+        Exact: Pillow's resize of the decoded image, as open_clip, computed by `resize_crop` for the crop only
+        (bicubic and bilinear; 'nearest' and `kernel=False` take PIL's resize and crop). With `draft`, a large JPEG
+        is first decoded at 1/k scale (`jpeg_scale`) and PIL's resize maps the same region of that decode (box =
+        the full image in reduced coordinates), so only the decode differs."""
         s = self.size[0]
         w, h = img.size
         new_w, new_h, top, left = crop_geometry(w, h, s)
@@ -185,6 +195,11 @@ class ImageTransform:
             if k > 1:
                 drafted = img.draft(None, (w // k, h // k))  # -> (mode, the full image's box in the decode)
                 box = drafted[1] if drafted is not None and img.size != (w, h) else None
+        if box is None and self.kernel:
+            # 'L' -> 'RGB' replicates the channel, so the gray channel is resampled once and replicated
+            img = img.convert("RGB") if img.mode not in ("RGB", "L") else img
+            pixels = resize_crop(np.asarray(img), new_w, new_h, left, top, s, self.spec.interpolation)
+            return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
         img = img.convert("RGB") if img.mode != "RGB" else img  # (convert would copy an RGB image)
         resized = img.resize((new_w, new_h), self.resample, box=box)
         return np.asarray(resized.crop((left, top, left + s, top + s)))

@@ -2,8 +2,10 @@
 textures and page text from scikit-image, cropped, rescaled 0.8-3x, JPEG q60-95 / grayscale / CMYK / PNG / WebP):
 the exact path (the default) is bit-identical on every image; the fast path (`decode_draft: true`) stays within
 the per-image error stated in of_ds/data/README.md on every image, and is bit-identical wherever it does not
-decode at a reduced scale."""
+decode at a reduced scale. The exact path resizes with `resample.resize_crop` (only the crop's pixels): odd
+geometries and modes are checked too."""
 
+import functools
 import io
 
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 from of_ds.data.images import ImageSpec, ImageTransform, jpeg_scale
 
 from .helpers import OPENAI_MEAN, OPENAI_STD
-from .image_corpus import image_corpus
+from .image_corpus import image_corpus, sources
 
 LEVEL = 1 / 255 / min(OPENAI_STD)  # one 8-bit level in normalised units (the largest of the three channels)
 
@@ -34,9 +36,52 @@ def _transforms(size):
     return reference, ImageTransform(spec, draft=False), ImageTransform(spec, draft=True)
 
 
+# (w, h): 1-2 px sides, exactly-224 sides, upscales, 1:10 and 10:1, tall enough for Pillow's vertical-first order
+ODD_SIZES = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 700), (700, 2), (224, 224), (224, 500), (500, 224), (225, 224),
+             (100, 80), (150, 1500), (1500, 150), (300, 3000), (3000, 300), (333, 1000), (1000, 333)]
+# mode -> format: CMYK, palette and alpha images are converted to RGB first, gray ones resampled as one channel
+ODD_MODES = {"RGB": "JPEG", "L": "PNG", "CMYK": "JPEG", "RGBA": "PNG", "P": "PNG", "LA": "PNG", "1": "PNG",
+             "I;16": "PNG"}
+
+
+@functools.lru_cache(maxsize=1)
+def _odd_images() -> dict[str, bytes]:
+    photo = Image.fromarray(sources()["astronaut"])
+    out = {}
+    for i, (w, h) in enumerate(ODD_SIZES):
+        mode = list(ODD_MODES)[i % len(ODD_MODES)]
+        for m in {mode, "RGB", "L"}:
+            img = photo.resize((w, h), Image.LANCZOS)
+            if m == "RGBA" or m == "LA":
+                img.putalpha(Image.linear_gradient("L").resize((w, h)))
+            img = img.convert(m) if m != "P" else img.convert("P", palette=Image.ADAPTIVE, colors=64)
+            buf = io.BytesIO()
+            img.save(buf, ODD_MODES[m], **({"quality": 90} if ODD_MODES[m] == "JPEG" else {"compress_level": 1}))
+            out[f"{m}-{w}x{h}"] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_exact_path_is_bit_identical_on_odd_sizes_and_modes(interpolation):
+    size = 224
+    spec = ImageSpec((size, size), OPENAI_MEAN, OPENAI_STD, interpolation)
+    reference = open_clip.image_transform(size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD,
+                                          interpolation=interpolation)
+    exact = ImageTransform(spec)
+    assert exact.path == "exact" and exact.kernel  # resample.resize_crop, not PIL's full resize
+    ours = np.empty((3, size, size), dtype=np.float32)
+    images = _odd_images()
+    assert {name.split("-")[0] for name in images} == set(ODD_MODES)
+    for i, (name, data) in enumerate(images.items()):
+        ref = reference(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+        exact(data, ours, flip=i % 2 == 1)
+        assert np.array_equal(ours, ref[:, :, ::-1] if i % 2 else ref), f"exact path differs on {name}"
+
+
 @pytest.mark.parametrize("size", [224, 64])
 def test_exact_path_is_bit_identical_and_the_fast_path_within_its_bound_on_every_image(corpus, size):
     reference, exact, fast = _transforms(size)
+    assert exact.path == "exact" and exact.kernel
     ours, approx = (np.empty((3, size, size), dtype=np.float32) for _ in range(2))
     over, reduced, scales = [], 0, set()
     for name, data in corpus.items():

@@ -143,6 +143,12 @@ class DatasetSpec(_Section):
         ">= 4x the image size are decoded at 1/2-1/8 DCT scale, leaving >= 2x to the same bicubic resize; within the "
         "measured per-image error stated in of_ds/data/README.md, faster on large JPEGs only.",
     )
+    decode_resize: Literal["crop", "full"] = Field(
+        "crop",
+        description="crop (default): Pillow's bicubic/bilinear resize reproduced bit for bit (numba) and computed only "
+        "for the center crop's pixels, 2-5x faster than Pillow's; full: Pillow resizes the whole image, as open_clip "
+        "does. Both give the same pixels (the fast path's reduced decodes and 'nearest' always use Pillow's).",
+    )
 
     def effective_max_tokens(self) -> int:
         return self.max_tokens or (32 if self.kind == "laion" else 256)

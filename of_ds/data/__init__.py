@@ -39,7 +39,8 @@ def build_stream_plan(ds: DatasetSpec, seed: int, tokenizer, image_processor_cfg
     """One dataset's stages, bound to this rank."""
     field = f"data.datasets.{ds.name}.shards"
     tokens = token_info(tokenizer)
-    transform = ImageTransform(as_image_spec(image_processor_cfg), draft=ds.decode_draft)
+    transform = ImageTransform(as_image_spec(image_processor_cfg), draft=ds.decode_draft,
+                               kernel=ds.decode_resize == "crop")
     if ds.kind == "laion":
         wanted = WANTED_EXTS.__contains__
         prepare = functools.partial(_laion_prepare, tokens=tokens)

@@ -5,7 +5,8 @@
 
 The first batches are a warm-up (worker start, shuffle buffer fill; one by default) and are not timed. With
 `--warmup-batches` past shuffle_buffer / batch_size the shuffle buffer is full: the steady state of a long run.
-The JSON line names the decode path it used (`decode`: exact, the default, or fast; `--decode fast`).
+The JSON line names the decode path it used (`decode`: exact, the default; exact-pil, `--decode exact-pil`: Pillow
+resizes the whole image; fast, `--decode fast`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=20, help="timed batches (after the warm-up batches)")
     p.add_argument("--warmup-batches", type=int, default=1,
                    help="untimed batches first; past shuffle_buffer / batch_size of them the buffer is full (steady state)")
-    p.add_argument("--decode", choices=["exact", "fast"], default=None,
-                   help="image decode path (decode_draft false / true); default: the spec's default, exact")
+    p.add_argument("--decode", choices=["exact", "exact-pil", "fast"], default=None,
+                   help="image decode path: exact (decode_draft false), exact-pil (also decode_resize full: Pillow "
+                   "resizes the whole image) or fast (decode_draft true); default: the spec's default, exact")
     p.add_argument("--no-draft", dest="decode", action="store_const", const="exact", help="same as --decode exact")
     p.add_argument("--sim-threshold", type=float, default=0.24)
     p.add_argument("--shuffle-buffer", type=int, default=5000)
@@ -67,9 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.decode is not None:
         dataset["decode_draft"] = args.decode == "fast"
+        dataset["decode_resize"] = "full" if args.decode == "exact-pil" else "crop"
     spec = RunSpec.from_dict({"data": {"datasets": [dataset]}, "run": {"seed": args.seed}})
     runtime = types.SimpleNamespace(rank=0, world_size=1, local_rank=0)
-    draft = spec.data.datasets[0].decode_draft
+    draft, resize = spec.data.datasets[0].decode_draft, spec.data.datasets[0].decode_resize
     data = build_train_data(spec, load_tokenizer(args.tokenizer, offline=True), vision_image_config(args.vision), runtime)
     started = time.perf_counter()
     iterator = iter(data)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         "samples_per_s_per_worker": round(samples / seconds / max(1, args.workers), 2) if seconds else None,
         "samples": samples, "seconds": round(seconds, 3), "warmup_seconds": round(first - started, 3),
         "batch_size": args.batch_size, "workers": args.workers,
-        "decode": "fast" if draft else "exact", "draft": draft,
+        "decode": "fast" if draft else "exact" if resize == "crop" else "exact-pil", "draft": draft, "resize": resize,
         "drops": data.drop_counts()[args.kind],
     }))
     sys.stdout.flush()

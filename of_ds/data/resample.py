@@ -25,6 +25,7 @@ from numba import njit
 
 PRECISION_BITS = 32 - 8 - 2
 FILTERS = {"bilinear": 1, "bicubic": 2}  # filter id = its support
+ROW_BLOCK = 128  # input rows per horizontal block (measured: 1.5-1.75x faster than all rows at once on 2-6 MP)
 # Pillow 13 runs the vertical pass first where the height shrinks by over twice as many pixels as the width
 _VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 
@@ -90,37 +91,41 @@ def _clip8(acc: np.int32) -> np.uint8:
 @njit(cache=True, nogil=True)
 def _horizontal(src, channels, r0, r1, x0, xmins, taps, kk):
     """Rows [r0, r1) of src [H, W * C] (its column 0 being input column x0) filtered to the given output columns
-    -> uint8 [r1 - r0, len(xmins) * C]."""
+    -> uint8 [r1 - r0, len(xmins) * C]. Blocks of ROW_BLOCK rows at a time, copied column-major (cols[x, r * C + c])
+    so that one tap of one output column scales a contiguous run; a block's copy stays in the L2 cache."""
     c0 = xmins[0]
     c1 = xmins[-1] + taps[-1]
-    n = (r1 - r0) * channels
-    cols = np.empty((c1 - c0, n), np.uint8)  # column-major copy of the region read: cols[x, r * C + c]
-    for r in range(r1 - r0):
-        line = src[r0 + r]
-        if channels == 3:  # unrolled: three times faster than the loop over channels
-            for x in range(c1 - c0):
-                s = (c0 - x0 + x) * 3
-                cols[x, r * 3] = line[s]
-                cols[x, r * 3 + 1] = line[s + 1]
-                cols[x, r * 3 + 2] = line[s + 2]
-        else:
-            for x in range(c1 - c0):
-                cols[x, r] = line[c0 - x0 + x]
     count = xmins.shape[0]
-    acc = np.empty(n, np.int32)
     out = np.empty((r1 - r0, count * channels), np.uint8)
+    cols = np.empty((c1 - c0, ROW_BLOCK * channels), np.uint8)
+    acc = np.empty(ROW_BLOCK * channels, np.int32)
     half = np.int32(1 << (PRECISION_BITS - 1))
-    for i in range(count):
-        acc[:] = half
-        base = xmins[i] - c0
-        for t in range(taps[i]):
-            k = kk[i, t]
-            line = cols[base + t]
+    for b0 in range(r0, r1, ROW_BLOCK):
+        rows = min(r1, b0 + ROW_BLOCK) - b0
+        n = rows * channels
+        for r in range(rows):
+            line = src[b0 + r]
+            if channels == 3:  # unrolled: three times faster than the loop over channels
+                for x in range(c1 - c0):
+                    s = (c0 - x0 + x) * 3
+                    cols[x, r * 3] = line[s]
+                    cols[x, r * 3 + 1] = line[s + 1]
+                    cols[x, r * 3 + 2] = line[s + 2]
+            else:
+                for x in range(c1 - c0):
+                    cols[x, r] = line[c0 - x0 + x]
+        for i in range(count):
             for j in range(n):
-                acc[j] += np.int32(line[j]) * k
-        for r in range(r1 - r0):
-            for c in range(channels):
-                out[r, i * channels + c] = _clip8(acc[r * channels + c])
+                acc[j] = half
+            base = xmins[i] - c0
+            for t in range(taps[i]):
+                k = kk[i, t]
+                line = cols[base + t]
+                for j in range(n):
+                    acc[j] += np.int32(line[j]) * k
+            for r in range(rows):
+                for c in range(channels):
+                    out[b0 - r0 + r, i * channels + c] = _clip8(acc[r * channels + c])
     return out
 
 

@@ -72,8 +72,10 @@ def test_exact_is_the_default_and_the_fast_path_is_opt_in():
 
     spec = ImageSpec((224, 224), OPENAI_MEAN, OPENAI_STD)
     assert ImageTransform(spec).path == "exact" and ImageTransform(spec, draft=True).path == "fast"
+    assert ImageTransform(spec, kernel=False).path == "exact-pil"
+    assert ImageTransform(spec._replace(interpolation="nearest")).path == "exact-pil"  # Pillow's nearest resize
     run = RunSpec.from_dict({"data": {"datasets": [{"name": "d", "kind": "laion", "shards": "x.tar", "batch_size": 1}]}})
-    assert run.data.datasets[0].decode_draft is False
+    assert run.data.datasets[0].decode_draft is False and run.data.datasets[0].decode_resize == "crop"
 
 
 def test_flip_is_the_mirrored_transform(images):

@@ -5,7 +5,8 @@
 
 The first batches are a warm-up (worker start, shuffle buffer fill; one by default) and are not timed. With
 `--warmup-batches` past shuffle_buffer / batch_size the shuffle buffer is full: the steady state of a long run.
-The JSON line names the decode path it used (`decode`: exact, the default; exact-pil, `--decode exact-pil`: Pillow
+`cpu_ms_per_sample`: CPU time of the main process and its workers per timed sample. The JSON line names the decode
+path it used (`decode`: exact, the default; exact-pil, `--decode exact-pil`: Pillow
 resizes the whole image; fast, `--decode fast`).
 """
 
@@ -56,6 +57,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the loader workers): a throughput measure
+    that a loaded machine disturbs much less than wall time."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from ..model.tokenizer import load_tokenizer
@@ -78,14 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     iterator = iter(data)
     for _ in range(max(1, args.warmup_batches)):
         next(iterator)
-    first = time.perf_counter()
-    batches = sum(1 for _ in iterator)
+    first, cpu_first = time.perf_counter(), tree_cpu_seconds()
+    batches, cpu_last = 0, cpu_first
+    for _ in iterator:
+        batches, cpu_last = batches + 1, tree_cpu_seconds()  # before the workers exit with the epoch's end
     seconds = time.perf_counter() - first
     samples = batches * args.batch_size
     print(json.dumps({
         "kind": args.kind, "samples_per_s": round(samples / seconds, 2) if seconds else None,
         "samples_per_s_per_worker": round(samples / seconds / max(1, args.workers), 2) if seconds else None,
         "samples": samples, "seconds": round(seconds, 3), "warmup_seconds": round(first - started, 3),
+        "cpu_ms_per_sample": round(1000 * (cpu_last - cpu_first) / samples, 2) if samples else None,
         "batch_size": args.batch_size, "workers": args.workers,
         "decode": "fast" if draft else "exact" if resize == "crop" else "exact-pil", "draft": draft, "resize": resize,
         "drops": data.drop_counts()[args.kind],

@@ -50,7 +50,7 @@ def _odd_images() -> dict[str, bytes]:
     out = {}
     for i, (w, h) in enumerate(ODD_SIZES):
         mode = list(ODD_MODES)[i % len(ODD_MODES)]
-        for m in {mode, "RGB", "L"}:
+        for m in {mode, "RGB"}:  # (gray geometries: tests/data/test_resample.py)
             img = photo.resize((w, h), Image.LANCZOS)
             if m == "RGBA" or m == "LA":
                 img.putalpha(Image.linear_gradient("L").resize((w, h)))

@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from .drops import DropSample
+from .pixels import rgb_view
 from .resample import FILTERS as RESAMPLE_FILTERS, resize_crop, warm_up
 
 try:
@@ -198,7 +199,9 @@ class ImageTransform:
         if box is None and self.kernel:
             # 'L' -> 'RGB' replicates the channel, so the gray channel is resampled once and replicated
             img = img.convert("RGB") if img.mode not in ("RGB", "L") else img
-            pixels = resize_crop(np.asarray(img), new_w, new_h, left, top, s, self.spec.interpolation)
+            view = rgb_view(img)  # Pillow's own 4-byte pixels, no copy; None for gray or a multi-block image
+            pixels = resize_crop(np.asarray(img) if view is None else view, new_w, new_h, left, top, s,
+                                 self.spec.interpolation)
             return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
         img = img.convert("RGB") if img.mode != "RGB" else img  # (convert would copy an RGB image)
         resized = img.resize((new_w, new_h), self.resample, box=box)

@@ -2,19 +2,20 @@
 
 `resize_crop(pixels, new_w, new_h, left, top, size)` equals
 `Image.fromarray(pixels).resize((new_w, new_h), BICUBIC).crop((left, top, left + size, top + size))` for a uint8
-[H, W, C] array (C = 1 or 3; channels are resampled independently, so an 'L' image resized and replicated is its
-'RGB' conversion resized). It follows Pillow's `libImaging/Resample.c` (unchanged in this respect since Pillow 4):
-the filter coefficients of every output column and row are computed with the same double operations in the same
-order as `precompute_coeffs` (the full-size resize's, with no box), rounded to fixed point as
-`normalize_coeffs_8bpc`; the horizontal pass runs first into a clipped 8-bit intermediate, then the vertical pass,
-each skipped where that dimension keeps its size. Only the crop's columns are filtered horizontally, only on the
-input rows its rows read, and only its rows vertically.
+[H, W, C] array (C = 1 or 3, or 4: RGB plus Pillow's padding byte). Channels are resampled independently, so an
+'L' image resized and replicated is its 'RGB' conversion resized. It follows Pillow's `libImaging/Resample.c`:
+the filter coefficients of every kept output column and row are computed with the same double operations in the
+same order as `precompute_coeffs` (the full-size resize's, with no box), rounded to fixed point as
+`normalize_coeffs_8bpc`; the two passes run in Pillow's order (horizontal first; vertical first under Pillow >= 13
+where the height shrinks by over twice as many pixels as the width), through a clipped 8-bit intermediate, each
+skipped where that side keeps its size. Only the crop's columns are filtered horizontally, only on the input rows
+its rows read, and only its rows vertically (the vertical-first order: only the input columns its columns read).
 
-Both passes are written so that the compiler vectorises them: the horizontal pass runs on a column-major copy of
-the rows it reads (one tap of one output column then scales a contiguous run of rows x channels), the vertical
-pass on rows of the intermediate. Integer arithmetic is Pillow's int32; floating point is never reassociated
-(no fastmath). Compiled with numba, cached on disk; `warm_up()` compiles or loads the cache in the calling process,
-so DataLoader workers forked after it do not.
+Both passes are written so that the compiler vectorises them: the horizontal pass runs on column-major copies of
+blocks of the rows it reads (one tap of one output column then scales a contiguous run of rows x channels), the
+vertical pass on rows. Integer arithmetic is Pillow's int32; floating point is never reassociated (no fastmath).
+Compiled with numba and cached on disk; `warm_up()` compiles or loads the cache in the calling process, so that
+DataLoader workers forked after it do not.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def _clip8(acc: np.int32) -> np.uint8:
 
 
 @njit(cache=True, nogil=True)
-def _horizontal(src, channels, r0, r1, x0, xmins, taps, kk):
-    """Rows [r0, r1) of src [H, W * C] (its column 0 being input column x0) filtered to the given output columns
-    -> uint8 [r1 - r0, len(xmins) * C]. Blocks of ROW_BLOCK rows at a time, copied column-major (cols[x, r * C + c])
-    so that one tap of one output column scales a contiguous run; a block's copy stays in the L2 cache."""
+def _horizontal(src, stride, channels, r0, r1, x0, xmins, taps, kk):
+    """Rows [r0, r1) of src [H, W * stride] (pixels of `stride` bytes, their first C the channels; column 0 being
+    input column x0) filtered to the given output columns -> uint8 [r1 - r0, len(xmins) * C]. Blocks of ROW_BLOCK
+    rows at a time, copied column-major (cols[x, r * C + c]) so that one tap of one output column scales a
+    contiguous run; a block's copy stays in the L2 cache."""
     c0 = xmins[0]
     c1 = xmins[-1] + taps[-1]
     count = xmins.shape[0]
@@ -107,7 +109,7 @@ def _horizontal(src, channels, r0, r1, x0, xmins, taps, kk):
             line = src[b0 + r]
             if channels == 3:  # unrolled: three times faster than the loop over channels
                 for x in range(c1 - c0):
-                    s = (c0 - x0 + x) * 3
+                    s = (c0 - x0 + x) * stride
                     cols[x, r * 3] = line[s]
                     cols[x, r * 3 + 1] = line[s + 1]
                     cols[x, r * 3 + 2] = line[s + 2]
@@ -151,9 +153,9 @@ def _vertical(rows, r0, j0, j1, ymins, taps, kk):
 
 
 @njit(cache=True, nogil=True)
-def _resize_crop(src, channels, new_w, new_h, left, top, size, support, vertical_first):
-    """src [H, W * C] -> [size, size * C] (see `resize_crop`)."""
-    h, w = src.shape[0], src.shape[1] // channels
+def _resize_crop(src, stride, channels, new_w, new_h, left, top, size, support, vertical_first):
+    """src [H, W * stride] -> [size, size * C] (see `resize_crop`)."""
+    h, w = src.shape[0], src.shape[1] // stride
     need_h, need_v = new_w != w, new_h != h
     if need_v:
         ymins, ytaps, ykk = _coeffs(h, new_h, top, size, support)
@@ -168,12 +170,16 @@ def _resize_crop(src, channels, new_w, new_h, left, top, size, support, vertical
         xmins, xtaps, xkk = np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 1), np.int32)
         c0, c1 = left, left + size
     if need_v and need_h and vertical_first:  # Pillow >= 13 when the height shrinks over twice what the width does
-        rows = _vertical(src, 0, c0 * channels, c1 * channels, ymins, ytaps, ykk)
-        return _horizontal(rows, channels, 0, size, c0, xmins, xtaps, xkk)
+        rows = _vertical(src, 0, c0 * stride, c1 * stride, ymins, ytaps, ykk)
+        return _horizontal(rows, stride, channels, 0, size, c0, xmins, xtaps, xkk)
     if need_h:
-        rows = _horizontal(src, channels, r0, r1, 0, xmins, xtaps, xkk)
+        rows = _horizontal(src, stride, channels, r0, r1, 0, xmins, xtaps, xkk)
     else:
-        rows = src[r0:r1, left * channels:(left + size) * channels].copy()
+        rows = np.empty((r1 - r0, size * channels), np.uint8)
+        for r in range(r1 - r0):
+            for x in range(size):
+                for c in range(channels):
+                    rows[r, x * channels + c] = src[r0 + r, (left + x) * stride + c]
     if need_v:
         return _vertical(rows, r0, 0, size * channels, ymins, ytaps, ykk)
     return rows
@@ -181,25 +187,27 @@ def _resize_crop(src, channels, new_w, new_h, left, top, size, support, vertical
 
 def resize_crop(pixels: np.ndarray, new_w: int, new_h: int, left: int, top: int, size: int,
                 interpolation: str = "bicubic") -> np.ndarray:
-    """uint8 [H, W, C] -> uint8 [size, size, C]: Pillow's resize to (new_w, new_h), then the crop at (left, top)."""
+    """uint8 [H, W, C] -> uint8 [size, size, C]: Pillow's resize to (new_w, new_h), then the crop at (left, top).
+    C = 1 or 3; C = 4 is RGB plus a padding byte (Pillow's own layout), resampled to [size, size, 3]."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    h, w = pixels.shape[:2]
+    h, w, stride = pixels.shape
     if not (0 <= left and left + size <= new_w and 0 <= top and top + size <= new_h):
         raise ValueError(f"crop ({left}, {top}) + {size} lies outside the {new_w}x{new_h} resize")
-    channels = pixels.shape[2]
-    if channels not in (1, 3):
-        raise ValueError(f"resize_crop takes 1 or 3 channels, not {channels}")
+    if stride not in (1, 3, 4):
+        raise ValueError(f"resize_crop takes 1, 3 or 4 (RGB + padding) channels, not {stride}")
+    channels = min(stride, 3)
     vertical_first = _VERTICAL_FIRST and 0 < h - new_h and (w - new_w) * 2 < h - new_h
-    out = _resize_crop(pixels.reshape(h, w * channels), channels, new_w, new_h, left, top, size,
+    out = _resize_crop(pixels.reshape(h, w * stride), stride, channels, new_w, new_h, left, top, size,
                        FILTERS[interpolation], vertical_first)
     return out.reshape(size, size, channels)
 
 
 def warm_up() -> None:
     """Compile the kernels (or load them from numba's cache) in this process, on a tiny image of each path."""
-    tiny = np.zeros((6, 5, 3), np.uint8)
-    tiny.setflags(write=False)  # as np.asarray of a PIL image
-    for interpolation in FILTERS:
-        resize_crop(tiny, 4, 4, 0, 0, 4, interpolation)
-        resize_crop(tiny, 5, 3, 0, 0, 3, interpolation)
+    for channels in (3, 4):
+        tiny = np.zeros((6, 5, channels), np.uint8)
+        tiny.setflags(write=False)  # as np.asarray of a PIL image, and `pixels.rgb_view`
+        for interpolation in FILTERS:
+            resize_crop(tiny, 4, 4, 0, 0, 4, interpolation)
+            resize_crop(tiny, 5, 3, 0, 0, 3, interpolation)

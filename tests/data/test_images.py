@@ -92,3 +92,20 @@ def test_the_model_engineers_processor_config_and_dicts_are_accepted():
     expected = ImageSpec((224, 224), OPENAI_MEAN, OPENAI_STD, "bicubic", "shortest")
     assert as_image_spec(ImageProcessorConfig((224, 224), OPENAI_MEAN, OPENAI_STD, "bicubic", "shortest")) == expected
     assert as_image_spec({"image_size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD}) == expected
+
+
+def test_the_zero_copy_view_is_the_images_pixels_and_outlives_it():
+    import gc
+
+    from of_ds.data.pixels import rgb_view
+
+    arr = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    view = rgb_view(img)
+    assert view.shape == (37, 53, 4) and not view.flags.writeable and np.array_equal(view[:, :, :3], arr)
+    del img
+    gc.collect()
+    assert np.array_equal(view[:, :, :3], arr)  # the export holds Pillow's memory
+    assert rgb_view(Image.fromarray(arr[:, :, 0])) is None  # gray: np.asarray is already one byte per pixel
+    big = Image.new("RGB", (2100, 2100))  # over Pillow's 16 MB block: rows in several blocks, np.asarray instead
+    assert rgb_view(big) is None or np.array_equal(rgb_view(big)[:, :, :3], np.asarray(big))

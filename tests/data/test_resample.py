@@ -1,6 +1,7 @@
 """`resample.resize_crop` against Pillow's own resize + crop, pixel for pixel, over random geometries: sizes 1 to
 3000 px on either side (the images small in area), down- and upscales, one dimension kept, tall images (which
-Pillow 13 resamples vertically first), random crops, bicubic and bilinear, gray and RGB."""
+Pillow 13 resamples vertically first), random crops, bicubic and bilinear, gray, RGB and RGB plus a padding
+byte (Pillow's own layout)."""
 
 import numpy as np
 import pytest
@@ -51,6 +52,9 @@ def test_random_geometries_are_pixel_identical_to_pillow(interpolation):
         got = resize_crop(np.asarray(img), new_w, new_h, left, top, s, interpolation)
         want = _pil(img, new_w, new_h, left, top, s, interpolation)
         assert np.array_equal(got[:, :, 0] if gray else got, want), (w, h, new_w, new_h, left, top, s, gray)
+        if not gray:  # Pillow's own layout: RGB plus a padding byte, which must not leak into the result
+            padded = np.dstack([pixels, rng.integers(0, 256, (h, w), dtype=np.uint8)])
+            assert np.array_equal(resize_crop(padded, new_w, new_h, left, top, s, interpolation), want)
         kinds["vertical_first"] += 0 < h - new_h and 2 * (w - new_w) < h - new_h and new_w != w
         kinds["upscale"] += new_w > w or new_h > h
         kinds["kept_side"] += new_w == w or new_h == h
@@ -63,4 +67,4 @@ def test_crop_outside_the_resize_or_odd_channels_are_refused():
     with pytest.raises(ValueError, match="outside"):
         resize_crop(pixels, 8, 8, 1, 0, 8)
     with pytest.raises(ValueError, match="channels"):
-        resize_crop(np.zeros((10, 10, 4), np.uint8), 8, 8, 0, 0, 8)
+        resize_crop(np.zeros((10, 10, 2), np.uint8), 8, 8, 0, 0, 8)

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from .drops import DropSample
-from .pixels import rgb_view
+from .pixels import allocate_images_in_one_block, rgb_view
 from .resample import FILTERS as RESAMPLE_FILTERS, resize_crop, warm_up
 
 try:
@@ -152,6 +152,7 @@ class ImageTransform:
         self.kernel = kernel and spec.interpolation in RESAMPLE_FILTERS
         if self.kernel:
             warm_up()  # here, in the process that forks the loader workers: they inherit the compiled kernels
+            allocate_images_in_one_block()  # so that `rgb_view` reads every decoded image in place
         self._fallback = None
         if spec.resize_mode != "shortest" or self.size[0] != self.size[1]:
             import open_clip  # the rare modes go through open_clip itself (torch), exact by construction
@@ -199,7 +200,7 @@ class ImageTransform:
         if box is None and self.kernel:
             # 'L' -> 'RGB' replicates the channel, so the gray channel is resampled once and replicated
             img = img.convert("RGB") if img.mode not in ("RGB", "L") else img
-            view = rgb_view(img)  # Pillow's own 4-byte pixels, no copy; None for gray or a multi-block image
+            view = rgb_view(img)  # Pillow's own 4-byte pixels, no copy; None for gray (and over 64 megapixels)
             pixels = resize_crop(np.asarray(img) if view is None else view, new_w, new_h, left, top, s,
                                  self.spec.interpolation)
             return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels

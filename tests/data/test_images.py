@@ -97,7 +97,7 @@ def test_the_model_engineers_processor_config_and_dicts_are_accepted():
 def test_the_zero_copy_view_is_the_images_pixels_and_outlives_it():
     import gc
 
-    from of_ds.data.pixels import rgb_view
+    from of_ds.data.pixels import allocate_images_in_one_block, rgb_view
 
     arr = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     img = Image.fromarray(arr)
@@ -107,5 +107,12 @@ def test_the_zero_copy_view_is_the_images_pixels_and_outlives_it():
     gc.collect()
     assert np.array_equal(view[:, :, :3], arr)  # the export holds Pillow's memory
     assert rgb_view(Image.fromarray(arr[:, :, 0])) is None  # gray: np.asarray is already one byte per pixel
-    big = Image.new("RGB", (2100, 2100))  # over Pillow's 16 MB block: rows in several blocks, np.asarray instead
-    assert rgb_view(big) is None or np.array_equal(rgb_view(big)[:, :, :3], np.asarray(big))
+    block = Image.core.get_block_size()
+    try:
+        Image.core.set_block_size(1 << 20)
+        assert rgb_view(Image.new("RGB", (600, 600))) is None  # rows in several blocks: np.asarray instead
+        allocate_images_in_one_block()  # as an ImageTransform does
+        big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2100, 2100, 3), dtype=np.uint8))
+        assert np.array_equal(rgb_view(big)[:, :, :3], np.asarray(big))  # 17.6 MB: over Pillow's default block
+    finally:
+        Image.core.set_block_size(block)

@@ -146,8 +146,8 @@ class DatasetSpec(_Section):
     decode_resize: Literal["crop", "full"] = Field(
         "crop",
         description="crop (default): Pillow's bicubic/bilinear resize reproduced bit for bit (numba) and computed only "
-        "for the center crop's pixels, 2-5x faster than Pillow's; full: Pillow resizes the whole image, as open_clip "
-        "does. Both give the same pixels (the fast path's reduced decodes and 'nearest' always use Pillow's).",
+        "for the center crop's pixels, about 3x faster than Pillow's; full: Pillow resizes the whole image, as "
+        "open_clip does. Both give the same pixels (the fast path's reduced decodes and 'nearest' always use Pillow's).",
     )
 
     def effective_max_tokens(self) -> int:

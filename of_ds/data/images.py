@@ -149,24 +149,24 @@ class ImageTransform:
             raise ValueError(f"image interpolation '{spec.interpolation}' is not supported ({', '.join(_RESAMPLE)})")
         self.resample = _RESAMPLE[spec.interpolation]
         self.draft = draft and spec.interpolation != "nearest"  # reduced decodes approximate bicubic/bilinear only
-        self.kernel = kernel and spec.interpolation in RESAMPLE_FILTERS
-        if self.kernel:
-            warm_up()  # here, in the process that forks the loader workers: they inherit the compiled kernels
-            allocate_images_in_one_block()  # so that `rgb_view` reads every decoded image in place
         self._fallback = None
         if spec.resize_mode != "shortest" or self.size[0] != self.size[1]:
             import open_clip  # the rare modes go through open_clip itself (torch), exact by construction
 
             self._fallback = open_clip.image_transform(self.size, is_train=False, mean=spec.mean, std=spec.std,
                                                        resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+        self.kernel = kernel and spec.interpolation in RESAMPLE_FILTERS and self._fallback is None
+        if self.kernel:
+            warm_up()  # here, in the process that forks the loader workers: they inherit the compiled kernels
+            allocate_images_in_one_block()  # so that `rgb_view` reads every decoded image in place
 
     @property
     def path(self) -> str:
         """'exact', 'exact-pil' or 'fast': the decode path this transform takes (the fast one only for large
         JPEGs; 'exact-pil' resizes the whole image with PIL, as open_clip, instead of `resample.resize_crop`)."""
-        if self.draft and self._fallback is None:
-            return "fast"
-        return "exact" if self.kernel and self._fallback is None else "exact-pil"
+        if self._fallback is not None:
+            return "exact"
+        return "fast" if self.draft else "exact" if self.kernel else "exact-pil"
 
     def __call__(self, data: bytes, out: np.ndarray, flip: bool) -> None:
         """Fill `out` ([3, H, W] float32) from encoded image bytes; DropSample('bad_image') if they do not decode."""

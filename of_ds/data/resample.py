@@ -33,6 +33,7 @@ _VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 
 @njit(cache=True, nogil=True)
 def _filter(x: float, support: int) -> float:
+    """Pillow's `bilinear_filter` (support 1) or `bicubic_filter` (a = -0.5, support 2), operation for operation."""
     if x < 0.0:
         x = -x
     if support == 1:  # bilinear

@@ -6,30 +6,30 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from of_ds import cli  # noqa: E402
 from of_ds.preflight import preflight  # noqa: E402
 from of_ds.spec import SpecError  # noqa: E402
-from of_ds.train import session  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = session.parse_args(argv)
+    args = cli.parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:  # before any process group, model or run dir: the spec, then every path it names (one line per problem)
-        spec = session.load_spec(args)
+        spec = cli.load_spec(args)
         if args.preflight:
-            preflight(spec, session.world_size_of(args))
+            preflight(spec, cli.world_size_of(args))
         if args.dry_run:
-            return session.dry_run_main(spec, args)
+            return cli.dry_run_main(spec, args)
     except SpecError as e:
         if main_rank:  # every rank checks and exits; one says why
             print(f"launch/train.py: {e}", file=sys.stderr, flush=True)
         return 2
     from of_ds.runtime import build_runtime
-    from of_ds.train.run import run
+    from of_ds.train.run import plan_run, run
 
     runtime = build_runtime(spec.engine)
     try:
-        run(spec, runtime)
+        run(plan_run(spec, runtime), runtime)  # the plan: engine settings, steps, where it starts (resolved once)
     except SpecError as e:  # a resume's refused spec changes: every rank finds them, one says which
         if runtime.is_main:
             print(f"launch/train.py: {e}", file=sys.stderr, flush=True)

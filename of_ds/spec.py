@@ -27,7 +27,7 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a spec is read-only: changes are copies (model_copy)
 
 
 # ----------------------------------------------------------------------------------------------------------- model

@@ -20,9 +20,10 @@ LAYERS = {
     "data": 3, "convert": 3,
     "demo": 4,
     "engines": 5,
-    "perf": 6,
-    "train": 7,
-    "preflight": 8, "generate_cli": 8,
+    "train": 6,
+    "perf": 7,
+    "preflight": 8, "generate_cli": 8, "cli": 8,
+    "api": 9,
 }
 
 
@@ -75,8 +76,8 @@ def test_every_unit_has_a_layer():
 
 
 def test_the_parser_sees_relative_lazy_and_absolute_imports():
-    assert "of_ds.train.session" in GRAPH["of_ds.train.run"]  # `from . import session`
-    assert "of_ds.engines" in GRAPH["of_ds.train.run"]  # a lazy `from ..engines import build_engine`
+    assert "of_ds.train.resume_policy" in GRAPH["of_ds.train.plan"]  # `from . import resume_policy`
+    assert "of_ds.engines" in GRAPH["of_ds.train.trainer"]  # a lazy `from ..engines import build_engine`
     assert "of_ds.convert" in GRAPH["of_ds.demo"]  # `from of_ds.convert import ...`
 
 
@@ -138,11 +139,11 @@ def test_no_import_cycles_between_modules():
 
 
 def test_an_upward_import_or_a_cycle_would_be_seen():
-    """The checks on a made-up graph: engines importing train, perf importing train, a two-module loop."""
-    graph = {"of_ds.engines.x": {"of_ds.train.checkpoint", "of_ds.model"}, "of_ds.perf.y": {"of_ds.train.session"},
+    """The checks on a made-up graph: engines importing train, train importing perf, a two-module loop."""
+    graph = {"of_ds.engines.x": {"of_ds.train.checkpoint", "of_ds.model"}, "of_ds.train.y": {"of_ds.perf.memory"},
              "of_ds.train.a": {"of_ds.train.b"}, "of_ds.train.b": {"of_ds.train.a"}, "of_ds.runtime": {"of_ds.watchdog"}}
     assert [m.split(" ")[2] for m in upward(graph, "of_ds.engines.x")] == ["of_ds.train.checkpoint"]
-    assert upward(graph, "of_ds.perf.y") and upward(graph, "of_ds.runtime")  # same layer counts as upward
+    assert upward(graph, "of_ds.train.y") and upward(graph, "of_ds.runtime")  # same layer counts as upward
     assert not upward(graph, "of_ds.train.a")
     assert cycles(graph) == [["of_ds.train.a", "of_ds.train.b"]]
-    assert resolve("of_ds.train.session.seed_everything") == "of_ds.train.session"
+    assert resolve("of_ds.train.plan.resolve_plan") == "of_ds.train.plan"

@@ -20,7 +20,7 @@ from .shards import expand_shards, read_shard_sizes
 from .stream import StreamPlan, mix_seed, name_seed
 from .tokens import TokenInfo, token_info
 
-__all__ = ["build_train_data", "build_stream_plan", "TrainData", "DataStalledError", "DropSample", "ImagePairingError"]
+__all__ = ["build_train_data", "epoch_steps", "build_stream_plan", "TrainData", "DataStalledError", "DropSample", "ImagePairingError"]
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_DROPS = 2000
@@ -68,6 +68,12 @@ def dataset_steps(ds: DatasetSpec, urls: list[str], world_size: int) -> int:
     return steps_for(samples, ds.batch_size, world_size, max(1, ds.workers))
 
 
+def epoch_steps(spec: RunSpec, world_size: int) -> dict[str, int]:
+    """Micro-steps per epoch on each rank, per dataset (an epoch is the shortest one's)."""
+    return {ds.name: dataset_steps(ds, expand_shards(ds.shards, f"data.datasets.{ds.name}.shards"), world_size)
+            for ds in spec.data.datasets}
+
+
 def build_train_data(spec: RunSpec, tokenizer, image_processor_cfg, runtime, *,
                      max_consecutive_drops: int = MAX_CONSECUTIVE_DROPS, pin_memory: bool = False) -> TrainData:
     """Every dataset of the spec, for this rank (`runtime`: rank and world_size). An epoch is the shortest dataset's
@@ -76,7 +82,7 @@ def build_train_data(spec: RunSpec, tokenizer, image_processor_cfg, runtime, *,
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used again in forked workers
     plans = [build_stream_plan(ds, spec.run.seed, tokenizer, image_processor_cfg, runtime,
                                max_consecutive_drops=max_consecutive_drops) for ds in spec.data.datasets]
-    steps = {ds.name: dataset_steps(ds, p.urls, runtime.world_size) for ds, p in zip(spec.data.datasets, plans)}
+    steps = epoch_steps(spec, runtime.world_size)
     if len(set(steps.values())) > 1 and runtime.rank == 0:
         log.warning("datasets have different epoch lengths %s; an epoch is the shortest, %d steps", steps, min(steps.values()))
     return TrainData(plans, min(steps.values()), {ds.name: ds.workers for ds in spec.data.datasets},

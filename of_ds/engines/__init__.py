@@ -6,24 +6,20 @@ from .base import Engine, StepStats
 
 
 def build_engine(model, spec, runtime, total_steps: int, ds_config: dict | None = None) -> Engine:
-    """Wrap the plain model for `spec.engine.kind`; `ds_config` is the resolved DeepSpeed config (deepspeed only).
-    The model is put in train mode, as the original's loop does: an LM loaded with `from_pretrained` comes in eval
-    mode, and its dropout (OPT's 0.1) would otherwise be off for the whole run."""
-    model.train()
-    if spec.engine.compile:
-        # in place, before any wrapper sees the modules
-        model.compile_parts(spec.engine.compile_targets, **({} if spec.engine.compile_mode == "default" else {"mode": spec.engine.compile_mode}))
+    """Apply the training features (`prepare.prepare_model`), then wrap the model for `spec.engine.kind`.
+    `ds_config`: the final DeepSpeed config of the run's plan (`of_ds.train.plan`; required for deepspeed)."""
+    from .prepare import prepare_model
+
+    if spec.engine.kind == "deepspeed" and ds_config is None:
+        raise ValueError("build_engine: engine.kind=deepspeed needs the resolved DeepSpeed config (the plan's ds_config)")
+    fuse = prepare_model(model, spec)
     if spec.engine.kind == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 
-        if ds_config is None:
-            from .deepspeed_config import resolve_deepspeed_config
-
-            ds_config, _ = resolve_deepspeed_config(spec, runtime.world_size)
-        return DeepSpeedEngine(model, spec, runtime, ds_config, total_steps)
+        return DeepSpeedEngine(model, spec, runtime, ds_config, total_steps, fuse)
     from .torch_engine import TorchEngine
 
-    return TorchEngine(model, spec, runtime, total_steps)
+    return TorchEngine(model, spec, runtime, total_steps, fuse)
 
 
 __all__ = ["Engine", "StepStats", "build_engine"]

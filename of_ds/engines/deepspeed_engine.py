@@ -10,7 +10,7 @@ import torch
 from ..runtime import Runtime
 from ..spec import RunSpec
 from .optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
+from .base import Batch, PackingReport, StepStats, weighted_losses
 from .deepspeed_config import zero_stage
 from .deepspeed_patches import (
     NVME_STATE,
@@ -32,12 +32,11 @@ class DeepSpeedEngine:
     """Wraps `deepspeed.initialize`. DeepSpeed owns accumulation: it scales each backward by 1/GAS, reduces on
     the boundary and steps optimizer + scheduler there; `step()` is called once per optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, spec: RunSpec, runtime: Runtime, ds_config: dict, total_steps: int):
+    def __init__(self, model: torch.nn.Module, spec: RunSpec, runtime: Runtime, ds_config: dict, total_steps: int,
+                 fuse_datasets: Optional[dict[str, int]] = None):
         import deepspeed
 
-        self.fuse_datasets = fused_row_lengths(model, spec)  # None: a pass per dataset
-        model.set_activation_checkpointing(spec.engine.activation_checkpointing)
-        model.set_loss_chunking(spec.engine.loss_chunk_tokens)
+        self.fuse_datasets = fuse_datasets  # None: a pass per dataset (prepare.prepare_model decided)
         zero = ds_config.get("zero_optimization", {})
         offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
         if offload and runtime.device.type != "cuda":

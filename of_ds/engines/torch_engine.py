@@ -19,7 +19,7 @@ from torch import nn
 from ..runtime import Runtime
 from ..spec import RunSpec
 from .optim import build_optimizer, build_scheduler, reapply_fused, step_schedule
-from .base import Batch, PackingReport, StepStats, fused_row_lengths, weighted_losses
+from .base import Batch, PackingReport, StepStats, weighted_losses
 from .device_skip import found_inf, step_unless, supports_device_skip
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
@@ -73,16 +73,15 @@ class TorchEngine:
     forward in torch autocast; fp16 uses a GradScaler (DDP) and skipped steps are counted. DDP bf16/fp16 also
     store the frozen weight matrices in that dtype (amp_* keeps them fp32, as the original)."""
 
-    def __init__(self, model: nn.Module, spec: RunSpec, runtime: Runtime, total_steps: int):
+    def __init__(self, model: nn.Module, spec: RunSpec, runtime: Runtime, total_steps: int,
+                 fuse_datasets: Optional[dict[str, int]] = None):
         eng = spec.engine
         self.kind, self.precision, self.device = eng.kind, eng.precision, runtime.device
         self.grad_accum_steps = spec.optim.grad_accum_steps
         self.grad_clip = spec.optim.grad_clip
         self._pack_report = PackingReport(runtime.rank)
         self.can_reshape = True
-        self.fuse_datasets = fused_row_lengths(model, spec)  # None: a pass per dataset
-        model.set_activation_checkpointing(eng.activation_checkpointing)
-        model.set_loss_chunking(eng.loss_chunk_tokens)
+        self.fuse_datasets = fuse_datasets  # None: a pass per dataset (prepare.prepare_model decided)
         model.to(runtime.device)
         if self.kind == "ddp" and eng.precision in ("bf16", "fp16"):
             cast_frozen_parameters(model, _DTYPES[eng.precision])

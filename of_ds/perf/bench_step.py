@@ -14,7 +14,9 @@ FLOPs come from `of_ds.model.flops.count_step_flops` (forward + backward, every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import itertools
 import json
 import os
 import sys
@@ -128,6 +130,19 @@ def random_batches(spec: RunSpec, model, image_size: int, generator: torch.Gener
     return out
 
 
+class _LastLoss:
+    """The loop's metrics hooks for the benchmark: no timers, only the last micro-step's loss kept."""
+
+    loss = None
+
+    @staticmethod
+    def data_wait_timer():
+        return contextlib.nullcontext()
+
+    def observe(self, batch, losses) -> None:
+        self.loss = losses["loss"].detach()
+
+
 def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None, breakdown: bool = False,
               trace: str | None = None, cprofile: str | None = None, op_counts: bool = False) -> dict:
     """Time `steps` training steps after `warmup`; `breakdown` adds seconds per model part (one extra step),
@@ -135,34 +150,35 @@ def run_bench(spec: RunSpec, steps: int, warmup: int, peak_tflops: float | None,
     from ..model import build_flamingo, count_parameters
     from ..model.flops import batch_shapes, count_step_flops, forward_flops_by_part
     from ..model.vision import tower_image_size
-    from ..runtime import build_runtime
-    from ..engines import build_engine
-    from ..engines.deepspeed_config import resolve_deepspeed_config
-    from ..runtime import seed_everything
-    from .peak import device_peak_tflops
+    from ..runtime import build_runtime, device_peak_tflops
+    from ..train.loop import optimizer_step
+    from ..train.plan import resolve_plan
+    from ..train.trainer import build_trainer
 
     runtime = build_runtime(spec.engine)
-    ds_config = None
-    if spec.engine.kind == "deepspeed":
-        ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-    seed_everything(spec.run.seed)
+    plan = resolve_plan(spec, runtime.world_size, data=False, run_dir=False).with_steps(steps + warmup + 1)
+    spec = plan.spec
     meta, _, _ = build_flamingo(spec.model, meta=True)
     size = tower_image_size(meta)
     flops = count_step_flops(meta, batch_shapes(spec, size)) * spec.optim.grad_accum_steps
     fwd_parts = forward_flops_by_part(meta, batch_shapes(spec, size)) if breakdown else None
     del meta
     t_build = time.perf_counter()
-    model, _, _ = build_flamingo(spec.model, device=runtime.device)
-    counts = count_parameters(model)
-    engine = build_engine(model, spec, runtime, total_steps=steps + warmup + 1, ds_config=ds_config)
+    engine = build_trainer(plan, runtime, data=False).engine  # the training start-up, without a loader
+    counts = count_parameters(engine.module)
     t_build = time.perf_counter() - t_build
     batches = random_batches(spec, engine.module, size, torch.Generator().manual_seed(0))
     if runtime.device.type == "cuda":
         batches = {k: {n: (t if n == "num_images" else t.pin_memory()) for n, t in b.items()} for k, b in batches.items()}
     weights = {d.name: d.loss_weight for d in spec.data.datasets}
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    feed, last = itertools.repeat(batches), _LastLoss()
 
-    def train_step(mark=lambda part: None) -> torch.Tensor:
+    def train_step(mark=None) -> torch.Tensor:
+        """The loop's optimizer step (`train.loop.optimizer_step`); with `mark` (--breakdown), its parts marked."""
+        if mark is None:
+            optimizer_step(engine, feed, weights, runtime, last)
+            return last.loss
         for _ in range(engine.grad_accum_steps):
             loss = engine.forward(batches, weights)["loss"]
             mark("head_loss_bwd")

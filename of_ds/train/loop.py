@@ -9,6 +9,7 @@ import torch
 
 from ..engines.base import StepStats
 from ..runtime import Runtime
+from ..spec import SpecError
 from .checkpoint import CheckpointManager, TrainState
 from .stop import StopFlag
 
@@ -18,10 +19,10 @@ MAX_CONSECUTIVE_SKIPS = 20
 def optimizer_steps_per_epoch(micro_steps_per_epoch: int, grad_accum_steps: int) -> int:
     steps = micro_steps_per_epoch // grad_accum_steps
     if steps < 1:
-        raise ValueError(
-            f"an epoch has {micro_steps_per_epoch} micro-steps, fewer than optim.grad_accum_steps={grad_accum_steps}: "
+        raise SpecError([
+            f"optim.grad_accum_steps={grad_accum_steps}: an epoch has only {micro_steps_per_epoch} micro-steps; "
             f"raise data.datasets[*].samples_per_epoch or lower the accumulation"
-        )
+        ])
     return steps
 
 

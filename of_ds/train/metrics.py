@@ -18,8 +18,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..engines.base import host_float
-from ..perf.peak import device_peak_tflops
-from ..runtime import Runtime
+from ..runtime import Runtime, device_peak_tflops
 from ..spec import RunSpec
 from .loggers import Loggers
 

@@ -1,7 +1,7 @@
 """What a run does with the run dir and the checkpoint it starts from, decided before the model is built.
 
 - `prepare_run_dir`: a start at step 0 never writes into a run dir that holds another run (`checkpoint.on_existing`).
-- `spec_changes` / `check_resume`: a resume diffs this run's resolved spec against the checkpoint's `spec.yaml`, field
+- `spec_changes` / `compare_with_checkpoint`: a resume diffs this run's resolved spec against the checkpoint's `spec.yaml`, field
   by field; every change is printed with what it does, and those that cannot take effect are one SpecError.
 - `apply_schedule`: after the engine loaded the checkpoint, the lr schedule and the optimizer's hyperparameters are
   this spec's (a loaded optimizer and scheduler would otherwise keep the checkpoint's).
@@ -215,13 +215,12 @@ def saved_spec(path: Path) -> Optional[dict]:
     return yaml.safe_load(f.read_text()) if f.is_file() else None
 
 
-def check_resume(spec: RunSpec, path: Path, runtime: Runtime) -> Optional[dict]:
-    """Before the model is built: print every spec change against checkpoint `path`, raise one SpecError listing the
-    refused ones. -> the checkpoint's spec dict (None: the checkpoint has no spec.yaml)."""
+def compare_with_checkpoint(spec: RunSpec, path: Path, notes: list[str]) -> Optional[dict]:
+    """Before the model is built: every spec change against checkpoint `path` as a line in `notes`; one SpecError
+    listing the refused ones. -> the checkpoint's spec dict (None: the checkpoint has no spec.yaml)."""
     saved = saved_spec(path)
     if saved is None:
-        if runtime.is_main:
-            print(f"[of_ds] {path} holds no spec.yaml: this run's spec is not compared with the checkpoint's", flush=True)
+        notes.append(f"[of_ds] {path} holds no spec.yaml: this run's spec is not compared with the checkpoint's")
         return None
     changes, unmatched = spec_changes(saved, spec.to_dict())
     refused = [c for c in changes if c.verdict == REFUSED]
@@ -229,14 +228,12 @@ def check_resume(spec: RunSpec, path: Path, runtime: Runtime) -> Optional[dict]:
         problems = [c.line() for c in refused]
         problems.append(f"resume with the checkpoint's values (its {path / 'spec.yaml'}), or {WEIGHTS_HINT.replace('STEP_DIR', str(path))}")
         raise SpecError(problems, f"(resuming {path})")
-    if runtime.is_main:
-        if changes:
-            print(f"[of_ds] resuming {path} with {len(changes)} spec change(s) from its spec.yaml:", flush=True)
-            for c in changes:
-                print(f"[of_ds]   {c.line()}", flush=True)
-        if unmatched:
-            print(f"[of_ds] fields in only one of this spec and {path}'s (another of_ds version), not compared: "
-                  f"{', '.join(unmatched)}", flush=True)
+    if changes:
+        notes.append(f"[of_ds] resuming {path} with {len(changes)} spec change(s) from its spec.yaml:")
+        notes += [f"[of_ds]   {c.line()}" for c in changes]
+    if unmatched:
+        notes.append(f"[of_ds] fields in only one of this spec and {path}'s (another of_ds version), not compared: "
+                     f"{', '.join(unmatched)}")
     return saved
 
 
@@ -314,15 +311,6 @@ def _aside_name(run_dir: Path) -> Path:
         n += 1
         aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
     return aside
-
-
-def before_build(spec: RunSpec, resume_path: Optional[Path], runtime: Runtime) -> Optional[dict]:
-    """run()'s one call before the model is built: the run dir (`prepare_run_dir`), then the spec diff of a resume
-    (`check_resume`). -> the checkpoint's spec dict for `apply_schedule` (None: not a resume)."""
-    prepare_run_dir(spec, resume_path, runtime)
-    if resume_path is None or resume_path.is_file() or spec.checkpoint.load_weights_only:
-        return None
-    return check_resume(spec, resume_path, runtime)
 
 
 # ----------------------------------------------------------------------------------------------- lr schedule

@@ -24,19 +24,17 @@ class NaNOnRank1(StandInData):
 
 def main(tok_dir: str, out: str, kind: str) -> None:
     kind, _, precision = kind.partition(":")  # e.g. deepspeed:bf16 (ZeRO-2 bf16 skips on the device)
-    from of_ds.engines import build_engine
-    from of_ds.model import build_flamingo
     from of_ds.runtime import build_runtime
     from of_ds.spec import RunSpec
     from of_ds.train.loop import optimizer_step
     from of_ds.train.metrics import Metrics
-    from of_ds.train.session import seed_everything
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
 
     spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine={"kind": kind, "precision": precision or "fp32", "zero_stage": 2}))
     rt = build_runtime(spec.engine)
-    seed_everything(0)
-    model, _, tok = build_flamingo(spec.model)
-    engine = build_engine(model, spec, rt, total_steps=4)
+    trainer = build_trainer(resolve_plan(spec, rt.world_size, data=False, run_dir=False).with_steps(4), rt, data=False)
+    engine, tok = trainer.engine, trainer.tokenizer
     data = NaNOnRank1(spec, tok, rank=rt.rank)
     data.set_epoch(0)
     batches, metrics = iter(data), Metrics(spec, rt, Path(out) / "run", 4)

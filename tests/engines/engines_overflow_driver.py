@@ -22,22 +22,20 @@ from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict 
 
 
 def main(tok_dir: str, out: str, mode: str) -> None:
-    from of_ds.engines import build_engine
-    from of_ds.model import build_flamingo
     from of_ds.runtime import build_runtime
     from of_ds.spec import RunSpec
     from of_ds.train.loop import optimizer_step
     from of_ds.train.metrics import Metrics
-    from of_ds.train.session import seed_everything
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
 
     precision, stage = {"z2fp32": ("fp32", 2), "z0fp32": ("fp32", 0), "z0bf16": ("bf16", 0)}.get(mode, ("bf16", 2))
     optim = {"warmup_steps": 0, "lr": 1e-3, "fused": mode not in ("dropped", "kept")}
     engine_spec = {"kind": "deepspeed", "precision": precision, "zero_stage": stage}
     spec = RunSpec.from_dict(tiny_spec_dict(tok_dir, out, engine=engine_spec, optim=optim))
     rt = build_runtime(spec.engine)
-    seed_everything(0)
-    model, _, tok = build_flamingo(spec.model)
-    engine = build_engine(model, spec, rt, total_steps=4)
+    trainer = build_trainer(resolve_plan(spec, rt.world_size, data=False, run_dir=False).with_steps(4), rt, data=False)
+    engine, tok = trainer.engine, trainer.tokenizer
     path = {"device_skip": engine.device_skip, "sync_free_clip": engine.sync_free_clip, "scan_dropped": engine.overflow_scan_dropped,
             "foreach_norm": engine.foreach_grad_norm}
     if mode == "kept":  # DeepSpeed's own methods back: the scan and the per-tensor fp64 norm

@@ -43,14 +43,13 @@ def instrument() -> None:
 
 
 def main(tok_dir: str, out: str, kind: str) -> None:
-    from of_ds.engines import build_engine
-    from of_ds.model import build_flamingo
     from of_ds.runtime import build_runtime
     from of_ds.spec import RunSpec
     from of_ds.train.checkpoint import CheckpointManager, TrainState
     from of_ds.train.loop import train_loop
     from of_ds.train.metrics import Metrics
-    from of_ds.train.session import seed_everything
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
     from of_ds.train.stop import StopFlag
 
     engine_kind, precision, *flags = kind.split(":")
@@ -61,9 +60,8 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     d["checkpoint"]["every_n_steps"] = 100
     spec = RunSpec.from_dict(d)
     rt = build_runtime(spec.engine)
-    seed_everything(0)
-    model, _, tok = build_flamingo(spec.model)
-    engine = build_engine(model, spec, rt, total_steps=4)
+    trainer = build_trainer(resolve_plan(spec, rt.world_size, data=False, run_dir=False).with_steps(4), rt, data=False)
+    engine, tok = trainer.engine, trainer.tokenizer
     forward, calls = engine.forward, [0]
 
     def counted_forward(*args, **kwargs):

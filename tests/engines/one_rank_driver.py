@@ -15,12 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import of_ds.engines.deepspeed_engine as deepspeed_engine  # noqa: E402
-from of_ds.engines import build_engine  # noqa: E402
 from of_ds.perf.bench_step import bench_spec, random_batches  # noqa: E402
-from of_ds.engines.deepspeed_config import resolve_deepspeed_config  # noqa: E402
 from of_ds.perf.traffic import TrafficCounter  # noqa: E402
-from of_ds.model import build_flamingo, count_parameters  # noqa: E402
+from of_ds.model import count_parameters  # noqa: E402
 from of_ds.runtime import build_runtime  # noqa: E402
+from of_ds.train.plan import resolve_plan  # noqa: E402
+from of_ds.train.trainer import build_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SYNC_FREE = deepspeed_engine.sync_free_ds_config
@@ -38,10 +38,8 @@ def run(stage: int, keep: bool, runtime) -> dict:
             "model.lm.config={model_type: mpt, d_model: 256, n_layers: 2, n_heads: 4, vocab_size: 1000, max_seq_len: 256, expansion_ratio: 4}"]
     deepspeed_engine.sync_free_ds_config = keep_reduce_scatter if keep else SYNC_FREE
     spec = bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), sets, True, Path(tempfile.mkdtemp()))
-    ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-    torch.manual_seed(spec.run.seed)
-    model, _, _ = build_flamingo(spec.model)
-    engine = build_engine(model, spec, runtime, total_steps=10, ds_config=ds_config)
+    plan = resolve_plan(spec, runtime.world_size, data=False, run_dir=False).with_steps(10)
+    spec, engine = plan.spec, build_trainer(plan, runtime, data=False).engine
     generator = torch.Generator().manual_seed(0)
     micro = [random_batches(spec, engine.module, 64, generator) for _ in range(2)]
     weights = {d.name: d.loss_weight for d in spec.data.datasets}

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from of_ds import cli  # noqa: E402
 from of_ds.runtime import build_runtime  # noqa: E402
 from of_ds.spec import EngineSpec  # noqa: E402
-from of_ds.train import session  # noqa: E402
-from of_ds.train.run import run  # noqa: E402
+from of_ds.train.run import plan_run, run  # noqa: E402
 
 
 def main() -> None:
@@ -33,11 +33,11 @@ def main() -> None:
             src, dst = (Path(p) for p in job["copy"])
             shutil.copytree(src, dst)
         runtime.barrier()
-        spec = session.load_spec(session.parse_args(job["argv"]))
+        spec = cli.load_spec(cli.parse_args(job["argv"]))
         buffer = open(out / f"{job['name']}.out", "w") if runtime.is_main else open(os.devnull, "w")
         with buffer, contextlib.redirect_stdout(buffer):
             try:
-                run(spec, runtime)
+                run(plan_run(spec, runtime), runtime)  # as launch/train.py
             except Exception as e:  # noqa: BLE001 - recorded for the test; an unexpected one fails the launch
                 if not job.get("expect_error"):
                     traceback.print_exc()

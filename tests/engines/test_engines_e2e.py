@@ -302,7 +302,7 @@ def test_resume_under_another_zero_family_is_a_clear_error(two_rank):
 def test_export_round_trip(workdir, ddp, run, monkeypatch):
     """tools/export_checkpoint -> original key layout -> loads into a fresh model equal to the checkpoint's weights;
     ZeRO-3 partitions and ZeRO-2 give the same export as the torch engine's for the same trajectory."""
-    from of_ds.train.session import load_original_checkpoint
+    from of_ds.train.restore import load_original_checkpoint
     from of_ds.train.export import export_checkpoint, find_checkpoint, load_checkpoint_into_model
 
     monkeypatch.chdir(workdir)  # the saved spec's paths (demo_data/tokenizer) are relative to the launch dir

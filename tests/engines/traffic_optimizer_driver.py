@@ -11,12 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from of_ds.engines import build_engine  # noqa: E402
 from of_ds.perf.bench_step import bench_spec, random_batches  # noqa: E402
-from of_ds.engines.deepspeed_config import resolve_deepspeed_config  # noqa: E402
 from of_ds.perf.traffic import TrafficCounter  # noqa: E402
-from of_ds.model import build_flamingo, count_parameters  # noqa: E402
+from of_ds.model import count_parameters  # noqa: E402
 from of_ds.runtime import build_runtime  # noqa: E402
+from of_ds.train.plan import resolve_plan  # noqa: E402
+from of_ds.train.trainer import build_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SETS = ["engine.precision=bf16", "engine.zero_stage=2", "model.cross_attn.heads=4", "model.cross_attn.dim_head=64",
@@ -24,9 +24,9 @@ SETS = ["engine.precision=bf16", "engine.zero_stage=2", "model.cross_attn.heads=
 
 spec = bench_spec(str(REPO / "launch" / "specs" / "openflamingo-3b.yaml"), SETS, True, Path(tempfile.mkdtemp()))
 runtime = build_runtime(spec.engine)
-ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-model, _, _ = build_flamingo(spec.model)
-engine = build_engine(model, spec, runtime, total_steps=10, ds_config=ds_config)
+plan = resolve_plan(spec, runtime.world_size, data=False, run_dir=False).with_steps(10)
+spec, engine = plan.spec, build_trainer(plan, runtime, data=False).engine
+model = engine.module
 batches = random_batches(spec, engine.module, 64, torch.Generator().manual_seed(0))
 weights = {d.name: d.loss_weight for d in spec.data.datasets}
 counter = TrafficCounter()

@@ -18,7 +18,7 @@ from transformers import get_constant_schedule_with_warmup
 from of_ds.model.build import build_flamingo
 from of_ds.model.checkpoint_keys import to_openflamingo_state_dict
 from of_ds.spec import CrossAttnSpec, ModelSpec, PerceiverSpec
-from of_ds.train.session import seed_everything
+from of_ds.runtime import seed_everything
 
 from .conftest import encode, lm_config, tiny_spec
 from .test_build import bare_lm_like
@@ -38,9 +38,9 @@ LR, WD = 1e-2, 0.1
 def model_spec(tokenizer_dir: str, family: str, **overrides) -> ModelSpec:
     base, extra = FAMILIES[family]
     spec = tiny_spec(tokenizer_dir, base, every_n_layers=2, **overrides)
-    spec.lm.config = {**lm_config(tokenizer_dir, base), **extra}
-    spec.perceiver, spec.cross_attn = PerceiverSpec(), CrossAttnSpec(every_n_layers=2)  # the original's fixed sizes
-    return spec
+    lm = spec.lm.model_copy(update={"config": {**lm_config(tokenizer_dir, base), **extra}})
+    # the original's fixed sizes
+    return spec.model_copy(update={"lm": lm, "perceiver": PerceiverSpec(), "cross_attn": CrossAttnSpec(every_n_layers=2)})
 
 
 def build_ours(spec: ModelSpec, seed: int = 0):

@@ -187,7 +187,7 @@ def test_optimizer_state_maps_to_our_parameters(written, family):
 def test_carry_names_the_deepspeed_internals_it_relies_on(tmp_path):
     """The carry writes the moments through ZeRO optimizers' private attributes: a DeepSpeed without them is refused
     by name, before anything is written (the optimizer here is a class of that name, missing them)."""
-    from of_ds.train.session import _CARRY_NEEDS, _require_zero_internals
+    from of_ds.train.restore import _CARRY_NEEDS, _require_zero_internals
 
     for name, needs in _CARRY_NEEDS.items():
         import deepspeed.runtime.zero.stage3 as z3
@@ -241,7 +241,8 @@ def test_carry_the_original_optimizer_under_ddp(written, tiny_tokenizer_dir, tmp
     from of_ds.spec import RunSpec
     from of_ds.train.checkpoint import TrainState
     from of_ds.train.loop import train_loop
-    from of_ds.train.session import load_start_weights, resume
+    from of_ds.train.plan import ResumePoint
+    from of_ds.train.restore import load_start_weights, restore
 
     path, _, model_spec = written("llama")
     runtime = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")  # no process group
@@ -249,10 +250,11 @@ def test_carry_the_original_optimizer_under_ddp(written, tiny_tokenizer_dir, tmp
     for carry in ("fresh", "carry"):
         spec = RunSpec.from_dict(_run_spec(tiny_tokenizer_dir, model_spec, tmp_path, carry, {"kind": "ddp"}, carry, path))
         ours, tok = build_ours(model_spec)
-        load_start_weights(ours, path, spec)
+        start = ResumePoint("weights_only", path)
+        load_start_weights(ours, start, spec)
         engine = build_engine(ours, spec, runtime, 1)
         data = StandInData(spec, tok)
-        resume(engine, data, None, path, spec, runtime)
+        restore(engine, data, None, start, spec, runtime)
         state = engine.optimizer.state
         expected = original_optimizer_state(ours, load_untrusted(path))
         if carry == "carry":

@@ -28,7 +28,7 @@ def ours_and_original(original, tokenizer_dir: str, family: str):
     original's Flamingo holding the same weights (our export loaded into it). -> (ours, theirs, tokenizer, model spec)"""
     OriginalFlamingo, FlamingoLMMixin, extend_instance = original
     spec = tiny_spec(tokenizer_dir, family, every_n_layers=2)
-    spec.perceiver, spec.cross_attn = PerceiverSpec(), CrossAttnSpec(every_n_layers=2)  # the original's fixed sizes
+    spec = spec.model_copy(update={"perceiver": PerceiverSpec(), "cross_attn": CrossAttnSpec(every_n_layers=2)})  # the original's fixed sizes
     torch.manual_seed(0)
     ours, _, tok = build_flamingo(spec)
     open_gates(ours)

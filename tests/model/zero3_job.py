@@ -116,16 +116,12 @@ def original_checkpoint_runs(jobs_path: str, out_path: str) -> None:
     from deepspeed.utils import safe_get_full_optimizer_state
     from pathlib import Path
 
-    from of_ds.engines import build_engine
-    from of_ds.engines.deepspeed_config import resolve_deepspeed_config
-    from of_ds.model import build_flamingo
     from of_ds.model.checkpoint_keys import original_optimizer_state
     from of_ds.runtime import Runtime
     from of_ds.spec import RunSpec
-    from of_ds.train.checkpoint import CheckpointManager
     from of_ds.train.loop import train_loop
-    from of_ds.train.metrics import Metrics
-    from of_ds.train.session import load_start_weights, resume, seed_everything
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
     from of_ds.train.untrusted import load_untrusted
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -135,23 +131,18 @@ def original_checkpoint_runs(jobs_path: str, out_path: str) -> None:
         jobs = json.load(f)
     for name, spec_dict in jobs.items():
         spec = RunSpec.from_dict(spec_dict)
-        ds_config, spec = resolve_deepspeed_config(spec, world)
-        seed_everything(spec.run.seed)
-        model, _, tok = build_flamingo(spec.model)
-        path = Path(spec.checkpoint.resume_from)
-        load_start_weights(model, path, spec)
-        carried = original_optimizer_state(model, load_untrusted(path))
         total = spec.run.max_steps
-        engine = build_engine(model, spec, runtime, total, ds_config)
-        data = StandInData(spec, tok, rank=rank)
-        ck = CheckpointManager(spec.run.run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
-        state = resume(engine, data, ck, path, spec, runtime)
+        plan = resolve_plan(spec, world, data=False).with_steps(total)  # starts from resume_from: weights only
+        assert plan.resume.kind == "weights_only" and plan.resume.original
+        t = build_trainer(plan, runtime, loader=lambda tok: StandInData(plan.spec, tok, rank=rank))
+        spec, engine, data, ck, metrics, state = plan.spec, t.engine, t.data, t.checkpoints, t.metrics, t.state
+        path = Path(spec.checkpoint.resume_from)
+        carried = original_optimizer_state(engine.module, load_untrusted(path))
         params = dict(engine.module.named_parameters())
         moments_equal = spec.checkpoint.original_optimizer == "carry" and all(  # what the optimizer holds now
             held_moment_equals(params[n], key, carried[n][key], rank, safe_get_full_optimizer_state)
             for n in ("perceiver.latents", "new_tokens.input.weight") for key in ("exp_avg", "exp_avg_sq")
         )
-        metrics = Metrics(spec, runtime, spec.run.run_dir, total)
         state = train_loop(engine, data, spec, runtime, ck, metrics, state, total)
         metrics.close()
         facts[name] = {"moments_equal": moments_equal, "steps": state.step,

@@ -3,6 +3,7 @@
 Usage: python universal_load_job.py UNIVERSAL_DIR ZERO_CHECKPOINT_DIR OUT_JSON -- <launch/train.py spec args>
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,19 +15,17 @@ def main() -> None:
     universal, original, out = (Path(a) for a in sys.argv[1:4])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from of_ds.engines.deepspeed_config import resolve_deepspeed_config
-    from of_ds.engines.deepspeed_engine import DeepSpeedEngine
-    from of_ds.model import build_flamingo
+    from of_ds import cli
     from of_ds.runtime import build_runtime
-    from of_ds.train import session
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
 
-    spec = session.load_spec(session.parse_args(sys.argv[5:]))
-    runtime = build_runtime(spec.engine)
-    ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-    ds_config["checkpoint"] = {"load_universal": True}
-    session.seed_everything(spec.run.seed + 1)  # different init: only the checkpoint can make the weights match
-    model, _, _ = build_flamingo(spec.model)
-    engine = DeepSpeedEngine(model, spec, runtime, ds_config, total_steps=10)
+    spec = cli.load_spec(cli.parse_args(sys.argv[5:]))
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"seed": spec.run.seed + 1})})  # different init: only
+    runtime = build_runtime(spec.engine)  # the checkpoint can make the weights match
+    plan = resolve_plan(spec, runtime.world_size, data=False, run_dir=False).with_steps(10)
+    ds_config = {**plan.ds_config, "checkpoint": {"load_universal": True}}  # the converted folder this job is given
+    engine = build_trainer(dataclasses.replace(plan, deepspeed_json=json.dumps(ds_config)), runtime, data=False).engine
     engine.engine.load_checkpoint(str(universal.parent), tag=universal.name, load_module_strict=False)
     want = get_fp32_state_dict_from_zero_checkpoint(str(original.parent), tag=original.name, exclude_frozen_parameters=True)
     trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}

@@ -16,20 +16,23 @@ from of_ds.train.checkpoint import CheckpointError, CheckpointManager, TrainStat
 
 
 def make(tiny_tokenizer_dir, runtime, out, name="a", engine_spec=None, **sections):
-    from of_ds.engines import build_engine
-    from of_ds.model import build_flamingo
-    from of_ds.train.metrics import Metrics
-    from of_ds.train.session import seed_everything
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
 
     d = tiny_spec_dict(tiny_tokenizer_dir, str(out), engine=engine_spec or {"kind": "ddp", "precision": "fp32"}, **sections)
     d["run"]["name"] = name
     spec = RunSpec.from_dict(d)
-    seed_everything(spec.run.seed)
-    model, _, tok = build_flamingo(spec.model)
-    data = StandInData(spec, tok)
-    engine = build_engine(model, spec, runtime, total_steps=4)
-    ck = CheckpointManager(spec.run.run_dir, spec.checkpoint.keep_last, spec.checkpoint.every_n_steps, runtime)
-    return spec, model, data, engine, ck, Metrics(spec, runtime, spec.run.run_dir, 4)
+    t = build_trainer(resolve_plan(spec, runtime.world_size, data=False, run_dir=False).with_steps(4), runtime,
+                      loader=lambda tok: StandInData(spec, tok))
+    return spec, t.model, t.data, t.engine, t.checkpoints, t.metrics
+
+
+def resume(engine, data, checkpoints, path, spec, runtime):
+    """A full resume from step folder `path` (what build_trainer does for a plan that resumes it)."""
+    from of_ds.train.plan import ResumePoint
+    from of_ds.train.restore import restore
+
+    return restore(engine, data, checkpoints, ResumePoint("full", path), spec, runtime)
 
 
 def rows(spec):
@@ -56,8 +59,6 @@ def test_exact_resume_and_checkpoint_files(tiny_tokenizer_dir, runtime, tmp_path
     shutil.copytree(step3, ck2.root / "step-00000003")
     (ck2.root / "step-00000005").mkdir()
     assert ck2.latest().name == "step-00000003"
-    from of_ds.train.session import resume
-
     state2 = resume(engine2, data2, ck2, ck2.latest(), spec2, runtime)
     assert (state2.step, state2.step_in_epoch) == (3, 3)
     train_loop(engine2, data2, spec2, runtime, ck2, m2, state2, 4)
@@ -75,8 +76,6 @@ def test_a_pretrained_lm_trains_with_its_dropout_and_resumes_exactly(tiny_tokeni
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from of_ds.train.loop import train_loop
-    from of_ds.train.session import resume
-
     config = AutoConfig.for_model(**TINY_MODEL["lm"]["config"], attention_dropout=0.5)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")

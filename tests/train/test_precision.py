@@ -10,16 +10,12 @@ import torch
 
 from engines_standin import StandInData, tiny_spec_dict
 from of_ds.spec import RunSpec
-from of_ds.train.checkpoint import CheckpointManager, TrainState
 
 
 def run(tiny_tokenizer_dir, runtime, tmp_path, precision, config=None, steps=3):
-    from of_ds.engines import build_engine
-    from of_ds.engines.deepspeed_config import resolve_deepspeed_config
-    from of_ds.model import build_flamingo
     from of_ds.train.loop import train_loop
-    from of_ds.train.metrics import Metrics
-    from of_ds.train.session import seed_everything
+    from of_ds.train.plan import resolve_plan
+    from of_ds.train.trainer import build_trainer
 
     d = tiny_spec_dict(tiny_tokenizer_dir, str(tmp_path), engine={"kind": "deepspeed", "precision": precision, "zero_stage": 2})
     d["run"]["name"] = precision
@@ -29,12 +25,10 @@ def run(tiny_tokenizer_dir, runtime, tmp_path, precision, config=None, steps=3):
         path.write_text(json.dumps(config))
         d["engine"]["deepspeed_config"] = str(path)
     spec = RunSpec.from_dict(d)
-    ds_config, spec = resolve_deepspeed_config(spec, runtime.world_size)
-    seed_everything(0)
-    model, _, tok = build_flamingo(spec.model)
-    engine = build_engine(model, spec, runtime, steps, ds_config)
-    ck = CheckpointManager(spec.run.run_dir, 1, 100, runtime)
-    state = train_loop(engine, StandInData(spec, tok), spec, runtime, ck, Metrics(spec, runtime, spec.run.run_dir, steps), TrainState(), steps)
+    plan = resolve_plan(spec, runtime.world_size, data=False).with_steps(steps)
+    t = build_trainer(plan, runtime, loader=lambda tok: StandInData(plan.spec, tok))
+    engine, spec = t.engine, plan.spec
+    state = train_loop(engine, t.data, spec, runtime, t.checkpoints, t.metrics, t.state, steps)
     rows = [json.loads(l) for l in (spec.run.run_dir / "metrics.jsonl").read_text().splitlines()]
     return engine, state, rows
 

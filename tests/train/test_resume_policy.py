@@ -13,6 +13,7 @@ from of_ds.runtime import Runtime
 from of_ds.spec import OptimSpec, RunSpec, SpecError
 from of_ds.train import resume_policy as rp
 from of_ds.train.checkpoint import TrainState
+from of_ds.train.plan import ResumePoint, resolve_plan
 
 DEMO = Path(__file__).resolve().parents[2] / "launch" / "specs" / "demo.yaml"
 RUNTIME = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")  # no process group
@@ -24,11 +25,13 @@ def demo(*sets: str, tmp: Path | None = None) -> RunSpec:
 
 
 def checkpoint_of(spec: RunSpec, step: int = 4) -> Path:
-    """A step folder as a save leaves it, as far as the policy reads it (COMPLETE and spec.yaml)."""
+    """A step folder as a save leaves it, as far as the plan reads it (COMPLETE, spec.yaml, meta.json)."""
     path = spec.run.run_dir / "checkpoints" / f"step-{step:08d}"
     path.mkdir(parents=True)
     (path / "COMPLETE").write_text(f"{step}\n")
     (path / "spec.yaml").write_text(spec.to_yaml())
+    e = spec.engine
+    (path / "meta.json").write_text(json.dumps({"engine": e.kind, "zero_stage": e.zero_stage, "world_size": 1, "step": step}))
     return path
 
 
@@ -125,7 +128,7 @@ def test_refused_changes_are_one_error_naming_every_field(tmp_path, capsys):
     path = checkpoint_of(demo(tmp=tmp_path))
     new = demo("model.perceiver.depth=1", "optim.grad_accum_steps=2", "optim.lr=1e-4", tmp=tmp_path)
     with pytest.raises(SpecError) as e:
-        rp.before_build(new, path, RUNTIME)
+        resolve_plan(new, 1, data=False)  # resumes its run's newest checkpoint, `path`
     msg = str(e.value)
     assert "model.perceiver.depth: 2 -> 1 (refused" in msg and "optim.grad_accum_steps: 1 -> 2 (refused" in msg
     assert "optim.lr" not in msg  # a change that takes effect is no problem
@@ -135,9 +138,10 @@ def test_refused_changes_are_one_error_naming_every_field(tmp_path, capsys):
 
 def test_accepted_changes_are_printed(tmp_path, capsys):
     path = checkpoint_of(demo(tmp=tmp_path))
-    saved = rp.before_build(demo("optim.lr=1e-4", "run.max_steps=800", tmp=tmp_path), path, RUNTIME)
-    assert saved == yaml.safe_load((path / "spec.yaml").read_text())
-    out = capsys.readouterr().out
+    plan = resolve_plan(demo("optim.lr=1e-4", "run.max_steps=800", tmp=tmp_path), 1, data=False)
+    assert (plan.resume.kind, plan.resume.path) == ("full", path)
+    assert plan.resume.saved_spec == yaml.safe_load((path / "spec.yaml").read_text())
+    out = "\n".join(plan.notes)  # build_trainer prints them on rank 0
     assert f"resuming {path} with 2 spec change(s)" in out
     assert "optim.lr: 0.003 -> 0.0001 (takes effect: the schedule's new peak" in out
     assert "run.max_steps: 400 -> 800 (takes effect" in out
@@ -152,7 +156,7 @@ def test_a_fresh_start_on_a_run_refuses_naming_the_dir_and_the_flag(tmp_path):
     spec = demo("checkpoint.resume=never", tmp=tmp_path)
     _write_run(spec)
     with pytest.raises(SpecError) as e:
-        rp.before_build(spec, None, RUNTIME)
+        rp.prepare_run_dir(spec, None, RUNTIME)
     msg = str(e.value)
     assert str(spec.run.run_dir) in msg and "checkpoint.on_existing" in msg and "metrics.jsonl (4 rows)" in msg
     assert (spec.run.run_dir / "metrics.jsonl").is_file()  # nothing touched
@@ -162,7 +166,7 @@ def test_a_fresh_start_on_a_run_refuses_naming_the_dir_and_the_flag(tmp_path):
 def test_a_fresh_start_moves_or_deletes_the_old_run(tmp_path, action, capsys):
     spec = demo("checkpoint.resume=never", f"checkpoint.on_existing={action}", tmp=tmp_path)
     _write_run(spec)
-    rp.before_build(spec, None, RUNTIME)
+    rp.prepare_run_dir(spec, None, RUNTIME)
     assert not spec.run.run_dir.exists()
     aside = list(tmp_path.glob(f"{spec.run.name}.old-*"))
     if action == "delete":
@@ -179,7 +183,7 @@ def test_a_weights_only_start_into_a_run_dir_is_a_fresh_start(tmp_path):
     spec = demo(f"checkpoint.resume_from={src}", "checkpoint.load_weights_only=true", tmp=tmp_path)
     _write_run(spec)
     with pytest.raises(SpecError, match="checkpoint.on_existing"):
-        rp.before_build(spec, src, RUNTIME)
+        rp.prepare_run_dir(spec, src, RUNTIME)
 
 
 def test_a_weights_only_start_from_inside_the_run_dir_it_would_move_is_refused(tmp_path):
@@ -189,7 +193,7 @@ def test_a_weights_only_start_from_inside_the_run_dir_it_would_move_is_refused(t
     spec = demo("checkpoint.resume=never", "checkpoint.on_existing=move_aside", f"checkpoint.resume_from={inside}",
                 "checkpoint.load_weights_only=true", tmp=tmp_path)
     with pytest.raises(SpecError, match="copy it elsewhere first"):
-        rp.before_build(spec, inside, RUNTIME)
+        rp.prepare_run_dir(spec, inside, RUNTIME)
     assert inside.is_dir()
 
 
@@ -197,37 +201,38 @@ def test_a_plain_start_moves_an_attempt_without_checkpoints_aside(tmp_path, caps
     spec = demo(tmp=tmp_path)
     spec.run.run_dir.mkdir(parents=True)
     (spec.run.run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert rp.before_build(spec, None, RUNTIME) is None
+    rp.prepare_run_dir(spec, None, RUNTIME)
     assert not spec.run.run_dir.exists() and "no checkpoint to resume" in capsys.readouterr().out
 
 
 def test_a_requeued_command_continues_its_own_run_not_resume_from(tmp_path, capsys):
     """The same command started again after a preemption: the run's own checkpoint wins over a resume_from outside the
     run dir (weights only or not), so the run continues; one inside the run dir (going back) is read as given."""
-    from of_ds.train.checkpoint import CheckpointManager
-    from of_ds.train.session import find_resume_point, prefer_own_checkpoint
+    from of_ds.train.plan import find_resume_point, prefer_own_checkpoint
 
     src = checkpoint_of(demo("run.name=other", tmp=tmp_path))
     spec = demo(f"checkpoint.resume_from={src}", "checkpoint.load_weights_only=true", tmp=tmp_path)
-    checkpoints = CheckpointManager(spec.run.run_dir, 2, 2, RUNTIME)
-    assert prefer_own_checkpoint(spec, checkpoints) is spec  # the first start: nothing of its own yet
+    assert prefer_own_checkpoint(spec) == (spec, None)  # the first start: nothing of its own yet
+    assert resolve_plan(spec, 1, data=False).resume == ResumePoint("weights_only", src)
     _write_run(spec)
-    again = prefer_own_checkpoint(spec, checkpoints)
+    again, note = prefer_own_checkpoint(spec)
     own = spec.run.run_dir / "checkpoints" / "step-00000004"
     assert (again.checkpoint.resume_from, again.checkpoint.load_weights_only) == (None, False)
-    assert find_resume_point(again, checkpoints) == own and rp.before_build(again, own, RUNTIME) is not None
-    assert f"checkpoint.resume_from={src} is not read" in capsys.readouterr().out
+    plan = resolve_plan(spec, 1, data=False)
+    assert (plan.resume.kind, plan.resume.path) == ("full", own) and plan.resume.saved_spec is not None
+    assert f"checkpoint.resume_from={src} is not read" in note and note in plan.notes
     earlier = checkpoint_of(spec, 2)
     back = demo(f"checkpoint.resume_from={earlier}", tmp=tmp_path)
-    assert prefer_own_checkpoint(back, checkpoints) is back and find_resume_point(back, checkpoints) == earlier
-    assert prefer_own_checkpoint(demo(f"checkpoint.resume_from={src}", "checkpoint.resume=never", tmp=tmp_path), checkpoints).checkpoint.resume_from == str(src)
+    assert prefer_own_checkpoint(back) == (back, None) and find_resume_point(back) == earlier
+    assert prefer_own_checkpoint(demo(f"checkpoint.resume_from={src}", "checkpoint.resume=never", tmp=tmp_path))[0].checkpoint.resume_from == str(src)
 
 
 def test_a_resume_of_its_own_checkpoint_keeps_the_run_dir(tmp_path):
     spec = demo(tmp=tmp_path)
     _write_run(spec)
     path = spec.run.run_dir / "checkpoints" / "step-00000004"
-    assert rp.before_build(spec, path, RUNTIME) is not None
+    rp.prepare_run_dir(spec, path, RUNTIME)
+    assert resolve_plan(spec, 1, data=False).resume.path == path
     assert (spec.run.run_dir / "metrics.jsonl").is_file()
 
 

@@ -50,7 +50,8 @@ def test_every_entry_point_refuses_a_planted_file(tmp_path):
     from of_ds.generate_cli import load_weights
     from of_ds.spec import RunSpec
     from of_ds.train.export import read_trainable_weights
-    from of_ds.train.session import find_resume_point, load_original_checkpoint
+    from of_ds.train.plan import find_resume_point
+    from of_ds.train.restore import load_original_checkpoint
 
     marker = tmp_path / "ran"
     pt = plant(tmp_path / "checkpoint.pt", marker)
@@ -68,7 +69,7 @@ def test_every_entry_point_refuses_a_planted_file(tmp_path):
         check_checkpoint_dir(step)
     spec = RunSpec.from_yaml(REPO / "launch/specs/demo.yaml", [f"checkpoint.resume_from={step}", f"run.output_dir={tmp_path}"])
     with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_0"):
-        find_resume_point(spec, checkpoints=None)  # a full resume: before the engine unpickles the folder
+        find_resume_point(spec)  # a full resume: before the engine unpickles the folder
     with pytest.raises(UnsafeCheckpointError, match="--allow-pickle"):
         read_trainable_weights(step)  # tools/export_checkpoint, a weights-only start
     with pytest.raises(UnsafeCheckpointError, match="--allow-pickle"):

@@ -136,3 +136,23 @@ def test_the_python_api_trains_through_the_same_path(demo_dir, capsys):
     assert "[of_ds] plan: DDP, 1 rank(s)" in out and "start: fresh (step 0)" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["step"], summary["total_steps"], summary["this_start"]["steps"]) == (2, 2, 2)
+
+
+def test_the_dry_run_prints_the_plan_and_where_the_run_would_start(demo_dir, tmp_path, capsys):
+    """launch/train.py --dry-run, in process: the plan line names the start; a resume at another world size goes
+    through the universal format, which the printed DeepSpeed config then loads."""
+    from engines_launch import train_main
+
+    (tmp_path / "demo_data").symlink_to(demo_dir / "demo_data")
+    spec = demo(tmp_path, "run.name=dry")
+    saved = step_dir(spec, 2, world=1, stage=spec.engine.zero_stage)
+    argv = ["--spec", str(DEMO), "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", f"run.demo_data={tmp_path / 'demo_data'}",
+            "--set", "run.name=dry", "--dry-run"]
+    assert train_main()(argv) == 0
+    out = capsys.readouterr().out
+    assert f"# plan: DeepSpeed ZeRO-{spec.engine.zero_stage}, 1 rank(s)" in out and f"start: resume {saved}\n" in out
+    assert train_main()([*argv, "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"start: resume {saved} through its universal conversion {spec.run.run_dir / 'universal' / saved.name}" in out
+    assert '"load_universal": true' in out
+    assert not (spec.run.run_dir / "universal").exists()  # planned, not converted

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,11 @@ class LoopbackCluster:
     workdir: Path  # holds the .deepspeed_env; run the `deepspeed` launcher from here
 
     def hostfile(self, slots: int = 1) -> Path:
+        """Written whole or not at all: a launch running beside may be reading it."""
         path = self.workdir / "hostfile"
-        path.write_text("".join(f"{h} slots={slots}\n" for h in self.hosts))
+        tmp = path.with_name(f".hostfile.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text("".join(f"{h} slots={slots}\n" for h in self.hosts))
+        os.replace(tmp, path)
         return path
 
     def env(self) -> dict[str, str]:

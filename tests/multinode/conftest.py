@@ -108,6 +108,15 @@ def demo_data_dir(tmp_path_factory, link_demo_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slurm_run(demo_data_dir, tmp_path_factory):
+    """launch/slurm_train.sh's 2-step run of the demo spec over two stand-in nodes (test_slurm.py checks it), which
+    the two-node test in test_train.py then resumes over pdsh instead of training its first 2 steps anew."""
+    from .launch import run_slurm
+
+    return run_slurm(demo_data_dir, tmp_path_factory.mktemp("slurm"))
+
+
+@pytest.fixture(scope="session")
 def loopback_cluster(tmp_path_factory) -> LoopbackCluster:
     sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
     _require(sshd is not None, "sshd (Debian package openssh-server)")

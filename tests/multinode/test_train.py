@@ -4,6 +4,7 @@ a tiny ZeRO-2 job (tiny_ds_job.py), small enough to kill rank 0 cheaply, loses r
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from .conftest import REPO
-from .launch import DEMO_SPEC, deepspeed_cmd, demo_overrides, run_launcher
+from .launch import DEMO_SPEC, deepspeed_cmd, run_launcher, train_sets
 
 TRAIN = REPO / "launch" / "train.py"
 TINY = Path(__file__).with_name("tiny_ds_job.py")
@@ -30,12 +31,8 @@ def _port() -> int:
 
 
 def _train_args(data: Path, out: Path, max_steps: int, *extra: str) -> list[str]:
-    sets = [
-        *demo_overrides(data), f"run.output_dir={out}", f"run.max_steps={max_steps}", "checkpoint.every_n_steps=2",
-        "logging.every_n_steps=1", "logging.progress_bar=false", "logging.eval_every_n_steps=0", *extra,
-    ]
     args = ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), "--spec", str(DEMO_SPEC)]
-    for s in sets:
+    for s in train_sets(data, out, max_steps, *extra):
         args += ["--set", s]
     return args
 
@@ -61,16 +58,17 @@ def _assert_complete(step_dir: Path, world: int) -> None:
         torch.load(pt, map_location="cpu", weights_only=False)
 
 
-def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, demo_data_dir, tmp_path):
-    multi, local = tmp_path / "multi", tmp_path / "local"
-    rc, out, t1 = _run(loopback_cluster, demo_data_dir, tmp_path, "multi1", multi, 2)
-    assert rc == 0, out[-5000:]
-    ranks = {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (multi / "demo/ranks").glob("*.json")}
-    assert {r: v["node_address"] for r, v in ranks.items()} == {0: "127.0.0.1", 1: "127.0.0.2"}
+def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, demo_data_dir, slurm_run, tmp_path):
+    # the first 2 steps on two nodes: launch/slurm_train.sh's run (test_slurm.py), resumed here over pdsh
+    assert slurm_run.rc == 0, slurm_run.output[-5000:]
+    multi, local = slurm_run.out, tmp_path / "local"
     _assert_complete(multi / "demo/checkpoints/step-00000002", world=2)
+    shutil.rmtree(multi / "demo/ranks")  # this run's ranks write theirs anew
 
     rc, out, t2 = _run(loopback_cluster, demo_data_dir, tmp_path, "multi2", multi, 4)
     assert rc == 0, out[-5000:]
+    ranks = {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (multi / "demo/ranks").glob("*.json")}
+    assert {r: v["node_address"] for r, v in ranks.items()} == {0: "127.0.0.1", 1: "127.0.0.2"}
     assert "resumed from" in out and "step-00000002 at step 2" in out, out[-5000:]
     _assert_complete(multi / "demo/checkpoints/step-00000004", world=2)
     got = _losses(multi / "demo")
@@ -106,7 +104,7 @@ def test_two_nodes_train_resume_and_match_one_node(loopback_cluster, demo_data_d
     want = _losses(local / "demo")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5, abs=1e-6)
-    print(f"launch seconds: multi {t1:.0f}, resumed {t2:.0f}, on 1 rank through the universal format {t4:.0f}, its "
+    print(f"launch seconds: slurm (its test's) {slurm_run.seconds:.0f}, resumed over pdsh {t2:.0f}, on 1 rank through the universal format {t4:.0f}, its "
           f"weights checked {t5:.0f}, 2 more steps {t6:.0f}; local beside those {t3:.0f}")
 
 

@@ -10,7 +10,8 @@ shift
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-if ! python3 -c "import deepspeed, open_clip, webdataset, pydantic" 2>/dev/null && [[ -d .whl ]]; then
+# found, not imported: importing them costs seconds of the budget, and every variant imports them anyway
+if ! python3 -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('deepspeed', 'open_clip', 'webdataset', 'pydantic'))))" 2>/dev/null && [[ -d .whl ]]; then
   if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$out/log.txt" 2>&1; then
     echo "installing .whl failed:" >&2
     tail -20 "$out/log.txt" >&2
@@ -21,7 +22,12 @@ fi
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1  # an H100/H200's 9.0a is more than DeepSpeed's op builder parses
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-  python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1
+  # from the installed packages' metadata and torch/version.py, without importing them (seconds of the budget)
+  python3 - <<'EOF' 2>&1
+import importlib.metadata as md, importlib.util, os, runpy
+torch = runpy.run_path(os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "version.py"))
+print("torch", torch["__version__"], "cuda", torch["cuda"], "deepspeed", md.version("deepspeed"), "transformers", md.version("transformers"))
+EOF
 } >"$out/versions.txt"
 cat "$out/versions.txt"
 BUDGET_S=${BUDGET_S:-540}

@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,21 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def chains(commands: list[str]) -> list[list[str]]:
+    """`commands` as chains that may run side by side: a command that names a file under runs/demo/ that an
+    earlier one named (the export that writes it, then the generate that reads it) follows it in its chain."""
+    out, owner = [], {}
+    for command in commands:
+        files = [a for a in shlex.split(command) if a.startswith("runs/demo/")]
+        chain = next((owner[f] for f in files if f in owner), None)
+        if chain is None:
+            chain = []
+            out.append(chain)
+        chain.append(command)
+        owner |= dict.fromkeys(files, chain)
+    return out
+
+
 def fresh_copy(dest: Path) -> Path:
     """The files a clone has (tracked and not ignored), nothing built: no runs, no demo data, no venv."""
     listed = subprocess.run(
@@ -54,10 +70,15 @@ def test_readme_commands_are_all_known():
     commands = readme_commands()
     assert commands[:2] == ["make demo", "make test"], "the README must open with its two commands"
     assert "tools/generate runs/demo --image demo_data/photos/chelsea.jpg" in commands
+    # what the fresh-clone test runs side by side: the generate that reads an export runs after it
+    export = "tools/export_checkpoint runs/demo runs/demo/export.safetensors"
+    generate = "tools/generate runs/demo/export.safetensors --image demo_data/photos/chelsea.jpg"
+    assert [export, generate] in chains(commands)
+    assert all(len(chain) == 1 for chain in chains(commands) if export not in chain)
 
 
 @pytest.mark.slow
-def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path):
+def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path, shared_demo_data, demo_data_digest):
     venv = Path(sys.executable).parent.parent
     if not (venv / "bin" / "deepspeed").exists():
         pytest.skip(f"{venv} is not the project venv (no deepspeed launcher)")
@@ -76,14 +97,22 @@ def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path):
 
     first, *rest = [c for c in dict.fromkeys(readme_commands()) if c not in NOT_RUN_HERE]
     assert first == "make demo"
-    # After the demo, two lanes side by side (a process each, on two cores): the commands that use the demo's run
-    # (runs/demo: generate, plot, the exports and what reads them) in the README's order, and the others (dry runs,
-    # the converter), which read only the specs and demo_data/ and write nothing of the run's.
-    outputs = {first: run(first)}
-    lanes = [[c for c in rest if "runs/demo" in c], [c for c in rest if "runs/demo" not in c]]
+    # Two workers (a process each, on two cores). The commands that touch nothing of the demo's (no "demo" in them:
+    # the recipes' dry runs) run beside `make demo`, on the core its rank 1 leaves idle while rank 0 generates the
+    # demo data. The others wait for the demo and then run as independent chains (see `chains`), each in order.
+    outputs = {}
+
+    def run_chain(chain: list[str]) -> None:
+        for command in chain:
+            outputs[command] = run(command)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        for done in pool.map(lambda lane: [(c, run(c)) for c in lane], lanes):
-            outputs |= dict(done)
+        beside = [pool.submit(run_chain, [c]) for c in rest if "demo" not in c]
+        outputs[first] = run(first)
+        after = [pool.submit(run_chain, chain) for chain in chains([c for c in rest if "demo" in c])]
+        for done in beside + after:
+            done.result()
+    outputs = {c: outputs[c] for c in [first, *rest]}  # the README's order, for the timings below
     print("\n".join(f"{took:6.1f} s  {command}" for command, (_, took) in outputs.items()))
 
     demo_out, demo_seconds = outputs["make demo"]
@@ -91,6 +120,8 @@ def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path):
         warnings.warn(f"the demo took {demo_seconds:.0f} s; the README promises a few minutes")
     run_dir = work / "runs" / "demo"
     assert "[of_ds] run dir:" in demo_out
+    # the demo data `make demo` generated (in its rank 0) is the session's (two other processes at once), byte for byte
+    assert demo_data_digest(work / "demo_data") == demo_data_digest(shared_demo_data.path)
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
     assert steps, "no complete checkpoint"
     every = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,11 @@ class LoopbackCluster:
     workdir: Path  # holds the .deepspeed_env; run the `deepspeed` launcher from here
 
     def hostfile(self, slots: int = 1) -> Path:
+        """Written whole or not at all: a launch running beside may be reading it."""
         path = self.workdir / "hostfile"
-        path.write_text("".join(f"{h} slots={slots}\n" for h in self.hosts))
+        tmp = path.with_name(f".hostfile.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text("".join(f"{h} slots={slots}\n" for h in self.hosts))
+        os.replace(tmp, path)
         return path
 
     def env(self) -> dict[str, str]:
@@ -101,6 +105,15 @@ def demo_data_dir(tmp_path_factory, link_demo_data) -> Path:
     """The session's demo dataset, for every run of these tests (generating it inside a launch, on rank 0 while the
     others wait, is what the README's `make demo` test runs)."""
     return link_demo_data(tmp_path_factory.mktemp("demo") / "demo_data")
+
+
+@pytest.fixture(scope="session")
+def slurm_run(demo_data_dir, tmp_path_factory):
+    """launch/slurm_train.sh's 2-step run of the demo spec over two stand-in nodes (test_slurm.py checks it), which
+    the two-node test in test_train.py then resumes over pdsh instead of training its first 2 steps anew."""
+    from .launch import run_slurm
+
+    return run_slurm(demo_data_dir, tmp_path_factory.mktemp("slurm"))
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .conftest import REPO, LoopbackCluster
@@ -59,3 +63,62 @@ def demo_overrides(data_dir: Path) -> list[str]:
             yield f"{where}='{data_dir}{node[len('demo_data'):]}'"
 
     return list(walk(yaml.safe_load(DEMO_SPEC.read_text()), ""))
+
+
+def train_sets(data_dir: Path, out: Path, max_steps: int, *extra: str) -> list[str]:
+    """The multi-node runs' overrides of the demo spec: a checkpoint every 2 steps, a loss line every step, no
+    evaluation."""
+    return [*demo_overrides(data_dir), f"run.output_dir={out}", f"run.max_steps={max_steps}", "checkpoint.every_n_steps=2",
+            "logging.every_n_steps=1", "logging.progress_bar=false", "logging.eval_every_n_steps=0", *extra]
+
+
+SLURM_NODES = ("127.0.0.1", "127.0.0.2")
+# srun: one copy of the command per node, concurrently, with that node's SLURM_NODEID / SLURMD_NODENAME
+SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+pids=(); i=0
+for node in {nodes}; do SLURM_NODEID=$i SLURMD_NODENAME=$node "$@" & pids+=($!); i=$((i+1)); done
+rc=0; for p in "${{pids[@]}}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && printf '%s\\n' {nodes}
+"""
+
+
+@dataclass(frozen=True)
+class SlurmRun:
+    """What launch/slurm_train.sh's run left, read as soon as it ended (a later run resumes it)."""
+
+    rc: int
+    output: str
+    seconds: float
+    out: Path  # run.output_dir: the run dir is out/demo
+    hostfile: str
+    node_addresses: dict[int, str]
+    step2_complete: bool
+
+
+def run_slurm(data_dir: Path, out: Path, max_steps: int = 2) -> SlurmRun:
+    """launch/slurm_train.sh on one machine: stand-in `srun`/`scontrol` start one task per "node", and each task
+    runs the script's real `deepspeed --no_ssh --node_rank` path into the real trainer (the demo spec, ZeRO-2)."""
+    shims = out / "bin"
+    shims.mkdir(parents=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (shims / name).write_text(text.format(nodes=" ".join(SLURM_NODES)))
+        (shims / name).chmod((shims / name).stat().st_mode | stat.S_IEXEC)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(
+        os.environ, PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="42",
+        SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1", MASTER_PORT=str(port),
+        HOSTFILE=str(out / "hostfile"),
+    )
+    args = [str(REPO / "launch/slurm_train.sh"), "--spec", str(DEMO_SPEC)]
+    for s in train_sets(data_dir, out, max_steps):
+        args += ["--set", s]
+    rc, output, secs = run_launcher(["bash", *args], out, env, 420, out / "slurm.log")
+    ranks = [json.loads(p.read_text()) for p in (out / "demo/ranks").glob("*.json")]
+    return SlurmRun(rc, output, secs, out, (out / "hostfile").read_text() if (out / "hostfile").exists() else "",
+                    {r["rank"]: r["node_address"] for r in ranks}, (out / "demo/checkpoints/step-00000002/COMPLETE").is_file())

@@ -59,7 +59,7 @@ def run(stage: int, keep: bool, runtime) -> dict:
         if p.requires_grad:
             digest.update(name.encode())
             digest.update(p.detach().float().numpy().tobytes())
-    trainable = count_parameters(model)["trainable"]
+    trainable = count_parameters(engine.module)["trainable"]
     return {"losses": losses, "weights_sha256": digest.hexdigest(), "trainable": trainable,
             "backward_bytes_per_trainable": counter.traffic.kinds["memory"].bytes / trainable,
             "reduce_scatter": engine.engine.zero_reduce_scatter()}

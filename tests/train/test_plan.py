@@ -53,11 +53,13 @@ def sizes(root: Path, name: str) -> int:
 
 
 def test_the_plan_resolves_the_config_and_the_step_budget_once(demo_dir):
-    spec = demo(demo_dir, "run.name=budget", "run.max_steps=null", "run.epochs=2", "optim.grad_accum_steps=2")
+    spec = demo(demo_dir, "run.name=budget", "run.max_steps=null", "run.epochs=2", "optim.grad_accum_steps=2",
+                "data.datasets.laion.samples_per_epoch=null")  # laion: a pass over sizes.json
     plan = resolve_plan(spec, 2)
     laion, mmc4 = spec.data.datasets
-    per_rank = {d.name: math.ceil(math.ceil(sizes(demo_dir, n) / (d.batch_size * 2)) / max(1, d.workers)) * max(1, d.workers)
-                for d, n in ((laion, "laion"), (mmc4, "mmc4"))}
+    samples = {d.name: d.samples_per_epoch or sizes(demo_dir, d.name) for d in (laion, mmc4)}  # the spec's, else sizes.json
+    per_rank = {d.name: math.ceil(math.ceil(samples[d.name] / (d.batch_size * 2)) / max(1, d.workers)) * max(1, d.workers)
+                for d in (laion, mmc4)}
     assert plan.micro_steps_per_epoch == min(per_rank.values())
     assert plan.total_steps == plan.micro_steps_per_epoch // 2 * 2  # epochs x optimizer steps per epoch
     assert plan.micro_batch == laion.batch_size + mmc4.batch_size

@@ -154,22 +154,22 @@ def _vertical(rows, r0, j0, j1, ymins, taps, kk):
 
 
 @njit(cache=True, nogil=True)
+def _axis(n, new_n, offset, size, support):
+    """One axis: the kept outputs' filter windows and weights, and the span [lo, hi) of inputs they read; no
+    filter (empty windows) where the axis keeps its size, as Pillow skips that pass."""
+    if new_n != n:
+        mins, taps, kk = _coeffs(n, new_n, offset, size, support)
+        return mins, taps, kk, mins[0], mins[-1] + taps[-1]
+    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 1), np.int32), np.int64(offset), np.int64(offset + size)
+
+
+@njit(cache=True, nogil=True)
 def _resize_crop(src, stride, channels, new_w, new_h, left, top, size, support, vertical_first):
     """src [H, W * stride] -> [size, size * C] (see `resize_crop`)."""
     h, w = src.shape[0], src.shape[1] // stride
     need_h, need_v = new_w != w, new_h != h
-    if need_v:
-        ymins, ytaps, ykk = _coeffs(h, new_h, top, size, support)
-        r0, r1 = ymins[0], ymins[-1] + ytaps[-1]
-    else:
-        ymins, ytaps, ykk = np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 1), np.int32)
-        r0, r1 = top, top + size
-    if need_h:
-        xmins, xtaps, xkk = _coeffs(w, new_w, left, size, support)
-        c0, c1 = xmins[0], xmins[-1] + xtaps[-1]
-    else:
-        xmins, xtaps, xkk = np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 1), np.int32)
-        c0, c1 = left, left + size
+    ymins, ytaps, ykk, r0, r1 = _axis(h, new_h, top, size, support)
+    xmins, xtaps, xkk, c0, c1 = _axis(w, new_w, left, size, support)
     if need_v and need_h and vertical_first:  # Pillow >= 13 when the height shrinks over twice what the width does
         rows = _vertical(src, 0, c0 * stride, c1 * stride, ymins, ytaps, ykk)
         return _horizontal(rows, stride, channels, 0, size, c0, xmins, xtaps, xkk)

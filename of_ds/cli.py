@@ -129,9 +129,18 @@ def dry_run_main(spec: RunSpec, args: argparse.Namespace) -> int:
         from .demo import ensure_demo_data
 
         ensure_demo_data(spec.run.demo_data)
-    plan = resolve_plan(spec, world, data=args.preflight, run_dir=args.preflight)
+    plan = resolve_plan(spec, world, data=args.preflight, run_dir=False)  # the spec's own problems: exit 2
+    refused = None
+    if args.preflight:
+        try:  # where a launch now would start: the run dir's checkpoint, an original's, or nothing
+            plan = resolve_plan(spec, world)
+        except SpecError as e:  # a resume that refuses this spec's changes: said, and the plan is a fresh start's
+            refused = e
     for note in plan.notes:
         print(note, flush=True)
+    if refused is not None:
+        print(f"# a launch with this spec now would stop before building anything: {refused}".replace("\n", "\n#   "), flush=True)
+        print("# (the plan below is a fresh start's: another run.name, or checkpoint.resume=never with checkpoint.on_existing)", flush=True)
     print(dry_run_report(plan, args.gpu_memory, args, explicit), flush=True)
     if plan.spec.engine.kind == "deepspeed":
         print(resolved_engine_line(plan.spec), flush=True)

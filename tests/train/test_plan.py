@@ -158,5 +158,7 @@ def test_the_dry_run_prints_the_plan_and_where_the_run_would_start(demo_dir, tmp
     assert f"start: resume {saved} through its universal conversion {spec.run.run_dir / 'universal' / saved.name}" in out
     assert '"load_universal": true' in out
     assert not (spec.run.run_dir / "universal").exists()  # planned, not converted
-    assert train_main()([*argv, "--set", "data.datasets.laion.batch_size=3"]) == 2  # as the launch would refuse it
-    assert "- data.datasets.laion.batch_size: 8 -> 3 (refused" in capsys.readouterr().err
+    assert train_main()([*argv, "--set", "data.datasets.laion.batch_size=3"]) == 0  # a launch would refuse it: said
+    out = capsys.readouterr().out
+    assert "# a launch with this spec now would stop before building anything" in out
+    assert "#     - data.datasets.laion.batch_size: 8 -> 3 (refused" in out and "start: fresh (step 0)" in out

@@ -9,7 +9,7 @@ import os
 from typing import Optional
 
 from .spec import RunSpec, SpecError
-from .train.plan import Plan, resolve_plan
+from .train.plan import Plan, resolve_plan, with_start
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -133,7 +133,7 @@ def dry_run_main(spec: RunSpec, args: argparse.Namespace) -> int:
     refused = None
     if args.preflight:
         try:  # where a launch now would start: the run dir's checkpoint, an original's, or nothing
-            plan = resolve_plan(spec, world)
+            plan = with_start(plan)
         except SpecError as e:  # a resume that refuses this spec's changes: said, and the plan is a fresh start's
             refused = e
     for note in plan.notes:

@@ -97,22 +97,27 @@ def resolve_plan(spec: RunSpec, world_size: int, *, data: bool = True, run_dir: 
     `run_dir=False`: a fresh start whatever the run dir holds (benchmarks, dry runs of a template)."""
     from ..engines.deepspeed_config import micro_batch_size, resolve_deepspeed_config
 
-    notes: list[str] = []
     ds_config = None
     if spec.engine.kind == "deepspeed":
         ds_config, spec = resolve_deepspeed_config(spec, world_size)
-    resume = ResumePoint()
-    if run_dir:
-        spec, note = prefer_own_checkpoint(spec)
-        notes += [note] if note else []
-        resume = start_point(spec, world_size, notes)
-        if resume.kind == "universal":
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
     per_epoch = micro_steps_per_epoch(spec, world_size) if data else None
     total = None if per_epoch is None else total_optimizer_steps(spec, per_epoch)
-    return Plan(spec=spec, world_size=world_size, micro_batch=micro_batch_size(spec), micro_steps_per_epoch=per_epoch,
-                total_steps=total, resume=resume, deepspeed_json=None if ds_config is None else json.dumps(ds_config),
-                notes=tuple(notes))
+    plan = Plan(spec=spec, world_size=world_size, micro_batch=micro_batch_size(spec), micro_steps_per_epoch=per_epoch,
+                total_steps=total, resume=ResumePoint(), deepspeed_json=None if ds_config is None else json.dumps(ds_config))
+    return with_start(plan) if run_dir else plan
+
+
+def with_start(plan: Plan) -> Plan:
+    """`plan` (a fresh start's) starting where the run dir and `checkpoint.*` say; a resume's refused spec changes
+    raise one SpecError, the accepted ones are notes."""
+    spec, note = prefer_own_checkpoint(plan.spec)
+    notes = [*plan.notes, *([note] if note else [])]
+    resume = start_point(spec, plan.world_size, notes)
+    ds_config = plan.ds_config
+    if resume.kind == "universal":
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return dataclasses.replace(plan, spec=spec, resume=resume, notes=tuple(notes),
+                               deepspeed_json=None if ds_config is None else json.dumps(ds_config))
 
 
 def micro_steps_per_epoch(spec: RunSpec, world_size: int) -> int:

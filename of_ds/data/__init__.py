@@ -82,7 +82,7 @@ def build_train_data(spec: RunSpec, tokenizer, image_processor_cfg, runtime, *,
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used again in forked workers
     plans = [build_stream_plan(ds, spec.run.seed, tokenizer, image_processor_cfg, runtime,
                                max_consecutive_drops=max_consecutive_drops) for ds in spec.data.datasets]
-    steps = epoch_steps(spec, runtime.world_size)
+    steps = {ds.name: dataset_steps(ds, p.urls, runtime.world_size) for ds, p in zip(spec.data.datasets, plans)}  # urls expanded once
     if len(set(steps.values())) > 1 and runtime.rank == 0:
         log.warning("datasets have different epoch lengths %s; an epoch is the shortest, %d steps", steps, min(steps.values()))
     return TrainData(plans, min(steps.values()), {ds.name: ds.workers for ds in spec.data.datasets},

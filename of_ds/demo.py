@@ -48,6 +48,10 @@ MIN_JPEG_BYTES = 12_000  # above the loader's default min_image_bytes (10,000)
 TOKENIZER_VOCAB = 1000
 VAL_SEED = SEED + 1
 EXPECTED = ("laion", "mmc4", "raw", "tokenizer", "lm", "vit.pt", "photos", "laion_val", "mmc4_val", "DONE")
+# torch's intra-op threads while pretraining the demo LM and ViT: how a reduction is split across threads changes its
+# float rounding, so a fixed count gives the same bytes wherever the data is generated (a launch's rank 0 with its
+# share of the cores, a test process, a many-core machine)
+THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -314,15 +318,17 @@ def write_photos(out: Path, photos: dict[str, np.ndarray]) -> None:
 # ------------------------------------------------------------------------------------------------------- all
 def make_demo_data(out: str | Path) -> Path:
     """(Re)generate the whole demo directory; `DONE` is written last. The caller's random states (torch, numpy,
-    Python) are left as they were: launch/train.py generates the data on a first run just before it builds the
+    Python) and torch's thread count are left as they were: launch/train.py generates the data on a first run just before it builds the
     model, whose init must not depend on whether this run was the one that generated it."""
     import torch
 
-    state = random.getstate(), np.random.get_state()
+    state, threads = (random.getstate(), np.random.get_state()), torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     try:
         with torch.random.fork_rng(devices=[]):
             return _make_demo_data(Path(out))
     finally:
+        torch.set_num_threads(threads)
         random.setstate(state[0])
         np.random.set_state(state[1])
 

@@ -52,7 +52,9 @@ def collective_timeout(seconds: float) -> timedelta:
 
 
 def write_rank_file(run_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """Write `run_dir/ranks/rank{rank}.json`: where this rank runs and its pid."""
+    """Write `run_dir/ranks/rank{rank}.json`: where this rank runs, its pid and torch's intra-op threads."""
+    import torch
+
     path = Path(run_dir) / "ranks" / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {
@@ -62,6 +64,7 @@ def write_rank_file(run_dir: str | os.PathLike, rank: int, world_size: int) -> P
         "hostname": socket.gethostname(),
         "node_address": node_address(),
         "pid": os.getpid(),
+        "torch_threads": torch.get_num_threads(),
         "started_at": time.time(),
     }
     tmp = path.with_suffix(".tmp")

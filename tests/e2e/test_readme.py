@@ -87,7 +87,7 @@ def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path, shared_demo_dat
     (work / ".venv").symlink_to(venv)  # what the first `make demo` would have built
     # A new user's shell: the venv is not on PATH, no test-only variables.
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(str(venv)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "VIRTUAL_ENV"))} | {"PATH": path}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "VIRTUAL_ENV", "OMP_NUM_THREADS"))} | {"PATH": path}
 
     def run(command: str) -> tuple[str, float]:
         start = time.time()
@@ -120,6 +120,10 @@ def test_readme_commands_run_verbatim_in_a_fresh_clone(tmp_path, shared_demo_dat
         warnings.warn(f"the demo took {demo_seconds:.0f} s; the README promises a few minutes")
     run_dir = work / "runs" / "demo"
     assert "[of_ds] run dir:" in demo_out
+    # the demo's ranks split the cores between them (a new user's shell sets no OMP_NUM_THREADS)
+    cores = len(os.sched_getaffinity(0))
+    threads = {json.loads(p.read_text())["torch_threads"] for p in (run_dir / "ranks").glob("rank*.json")}
+    assert threads == {max(1, cores // 2)}, threads
     # the demo data `make demo` generated (in its rank 0) is the session's (two other processes at once), byte for byte
     assert demo_data_digest(work / "demo_data") == demo_data_digest(shared_demo_data.path)
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())

@@ -1,6 +1,9 @@
+import os
+
+import torch
 import torch.distributed as dist
 
-from of_ds.runtime import build_runtime
+from of_ds.runtime import build_runtime, share_cpu_cores
 from of_ds.spec import EngineSpec
 
 
@@ -46,3 +49,23 @@ def test_which_checkpoints_need_the_universal_format(tmp_path):
     assert not needs_universal(saved("deepspeed", 3, 2), 3, 2)
     with pytest.raises(CheckpointError, match="saved by 2 ranks with the optimizer state on NVMe"):
         needs_universal(saved("deepspeed", 3, 2), 3, 1)
+
+
+def test_ranks_of_one_machine_share_its_cores(monkeypatch):
+    """N local ranks (deepspeed's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE) take a core count each of cores // N for
+    torch's threads; OMP_NUM_THREADS, where set, and a lone rank keep torch's own choice. (The demo's ranks, run as the
+    README runs them, record theirs: tests/e2e/test_readme.py.)"""
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    for k in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    try:
+        assert share_cpu_cores() is None and torch.get_num_threads() == before
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        assert share_cpu_cores() == torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+        assert share_cpu_cores() == torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert share_cpu_cores() is None and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,5 @@
-"""Run under torchrun (2 ranks): rank 1 alone gets a NaN image at micro-step 2; every rank must skip that update.
-Writes OUT/KIND-rank{R}.json (`:` as `-`) with the per-step skipped flags and a checksum of the trainable weights.
-KINDS: comma-separated, run one after another in this launch."""
+"""Under torchrun (2 ranks, through engines_drivers.py): rank 1 alone gets a NaN image at micro-step 2; every rank
+must skip that update. Writes OUT/KIND-rank{R}.json (`:` as `-`) with the per-step skipped flags and a checksum of the trainable weights."""
 
 import json
 import sys
@@ -11,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict  # noqa: E402
+from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
 
 
 class NaNOnRank1(StandInData):
@@ -41,9 +40,3 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     flags = [bool(optimizer_step(engine, batches, {"laion": 0.2, "mmc4": 1.0}, rt, metrics).skipped) for _ in range(3)]
     checksum = sum(float(v.double().sum()) for v in engine.module.trainable_state_dict().values()) if kind != "deepspeed" or engine.zero_stage < 3 else None
     Path(out, f"{kind}{'-' + precision if precision else ''}-rank{rt.rank}.json").write_text(json.dumps({"skipped": flags, "checksum": checksum}))
-
-
-if __name__ == "__main__":
-    for kind in sys.argv[3].split(","):
-        main(sys.argv[1], sys.argv[2], kind)
-    shutdown_process_group()

@@ -1,4 +1,4 @@
-"""Run under torchrun (2 ranks), DeepSpeed: at step 2 rank 1 alone gets a NaN gradient from a finite loss. Every
+"""Under torchrun (2 ranks, through engines_drivers.py), DeepSpeed: at step 2 rank 1 alone gets a NaN gradient from a finite loss. Every
 rank must skip that update, whoever decides it:
 - MODE=device: ZeRO-2 bf16, the fused optimizer on the device (`found_inf`), no host sync (the default);
 - MODE=dropped: ZeRO-2 bf16, DeepSpeed on the host from the global norm, its per-tensor overflow scan dropped
@@ -7,7 +7,7 @@ rank must skip that update, whoever decides it:
 - MODE=z2fp32: ZeRO-2 fp32 (DeepSpeed decides on the host);
 - MODE=z0fp32, z0bf16: no ZeRO (of_ds reads the norm on the host, fp32; DeepSpeed's bf16 optimizer decides, bf16).
 Writes OUT/MODE-rank{R}.json: the path taken, per-step skipped flags, weight checksums, gradient norm and learning rate
-after each step, how many steps Adam took. MODES: comma-separated, run one after another in this launch."""
+after each step, how many steps Adam took."""
 
 import json
 import sys
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict  # noqa: E402
+from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
 
 
 def main(tok_dir: str, out: str, mode: str) -> None:
@@ -65,8 +65,3 @@ def main(tok_dir: str, out: str, mode: str) -> None:
         lrs.append(engine.lr)
     result = {"path": path, "skipped": flags, "checksums": checksums, "lrs": lrs, "norms": norms, "adam_steps": [a - before[0] for a in adam_steps()]}
     Path(out, f"{mode}-rank{rt.rank}.json").write_text(json.dumps(result))
-
-if __name__ == "__main__":
-    for mode in sys.argv[3].split(","):
-        main(sys.argv[1], sys.argv[2], mode)
-    shutdown_process_group()

@@ -1,4 +1,4 @@
-"""Run under torchrun (2 ranks): train_loop for 4 steps, logging only at the last, and record every call that
+"""Under torchrun (2 ranks, through engines_drivers.py): train_loop for 4 steps, logging only at the last, and record every call that
 would make the host wait for the device on a GPU (`item`, `bool`, `float`, `int`, `tolist`, `nonzero`, `cpu`,
 `numpy` on a tensor) during step 3, a step that neither logs nor saves. Writes OUT/{KIND}-rank{R}.json: the
 calling sites, `file:function`, with counts.
@@ -6,7 +6,7 @@ calling sites, `file:function`, with counts.
 KIND is ENGINE:PRECISION[:mpt][:fused], e.g. deepspeed:bf16 (ZeRO-2) or ddp:bf16:mpt (the recipes' LM family;
 default: the stand-in's tiny llama); `fused` sets engine.fuse_datasets. On a CPU every tensor is a host tensor, so the sites that
 read the loader's host tensors on purpose (`num_images`, the attention-mask token count) are reported too; the test
-names them. KINDS: comma-separated, run one after another in this launch."""
+names them."""
 
 import collections
 import json
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from engines_standin import StandInData, shutdown_process_group, tiny_spec_dict  # noqa: E402
+from engines_standin import StandInData, tiny_spec_dict  # noqa: E402
 
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nonzero", "cpu", "numpy")
 sites: collections.Counter = collections.Counter()
@@ -79,9 +79,3 @@ def main(tok_dir: str, out: str, kind: str) -> None:
     assert state.step == 4 and calls[0] == 4
     recording[0] = False
     Path(out, f"{kind.replace(':', '-')}-rank{rt.rank}.json").write_text(json.dumps(dict(sites)))
-
-
-if __name__ == "__main__":
-    for kind in sys.argv[3].split(","):
-        main(sys.argv[1], sys.argv[2], kind)
-    shutdown_process_group()

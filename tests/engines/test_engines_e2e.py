@@ -457,26 +457,36 @@ def test_conflicting_ds_config_is_a_clear_error(workdir):
     assert "zero_optimization.stage is 3" in proc.stderr and "engine.zero_stage is 2" in proc.stderr
 
 
-def torchrun_driver(driver: str, tiny_tokenizer_dir: str, out: Path, modes) -> None:
-    """One 2-rank torchrun launch of tests/engines/DRIVER running every mode in turn."""
+NAN_KINDS = ["deepspeed", "deepspeed:bf16", "ddp"]
+OVERFLOW_MODES = ["device", "dropped", "kept", "z2fp32", "z0fp32", "z0bf16"]
+SYNC_KINDS = ["deepspeed:bf16:mpt", "ddp:bf16:mpt", "ddp:fp32:mpt", "deepspeed:bf16", "deepspeed:bf16:mpt:fused", "deepspeed:bf16:fused"]
+
+
+@pytest.fixture(scope="module")
+def driver_runs(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """The step drivers' runs (nan, overflow, sync: tests/engines/engines_*_driver.py), every mode of each, in one
+    2-rank torchrun launch; -> the folder holding each driver's."""
     import subprocess
 
     from engines_launch import BIN, REPO, env, free_port
 
+    out = tmp_path_factory.mktemp("drivers")
+    runs = [f"nan={','.join(NAN_KINDS)}", f"overflow={','.join(OVERFLOW_MODES)}", f"sync={','.join(SYNC_KINDS)}"]
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "engines" / driver), tiny_tokenizer_dir, str(out), ",".join(modes)]
+           str(REPO / "tests" / "engines" / "engines_drivers.py"), tiny_tokenizer_dir, str(out), *runs]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-NAN_KINDS = ["deepspeed", "deepspeed:bf16", "ddp"]
+    return out
 
 
 @pytest.fixture(scope="module")
-def nan_runs(tiny_tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("nan")
-    torchrun_driver("engines_nan_driver.py", tiny_tokenizer_dir, out, NAN_KINDS)
-    return out
+def nan_runs(driver_runs) -> Path:
+    return driver_runs / "nan"
+
+
+@pytest.fixture(scope="module")
+def sync_runs(driver_runs) -> Path:
+    return driver_runs / "sync"
 
 
 @pytest.mark.parametrize("kind", NAN_KINDS)
@@ -489,16 +499,15 @@ def test_nan_on_one_rank_skips_on_every_rank(nan_runs, kind):
     assert r0["checksum"] == r1["checksum"]
 
 
-def test_a_nan_gradient_is_skipped_on_every_path(tiny_tokenizer_dir, tmp_path):
+def test_a_nan_gradient_is_skipped_on_every_path(driver_runs):
     """ZeRO-2 bf16 leaves the inf/NaN decision to the fused optimizer (`found_inf`: no host sync per step); the
     host paths remain for unfused optimizers (DeepSpeed's own check, its per-tensor scan dropped or kept), fp32, and
     ZeRO-0 (of_ds reads the norm). A NaN gradient from a finite loss on one rank must skip that step on both ranks,
     on every path: no weight and no Adam step count changes, and the learning-rate schedule moves on alike."""
     import json
 
-    modes = ("device", "dropped", "kept", "z2fp32", "z0fp32", "z0bf16")
-    torchrun_driver("engines_overflow_driver.py", tiny_tokenizer_dir, tmp_path, modes)
-    runs = {(m, r): json.loads((tmp_path / f"{m}-rank{r}.json").read_text()) for m in modes for r in (0, 1)}
+    modes, out = OVERFLOW_MODES, driver_runs / "overflow"
+    runs = {(m, r): json.loads((out / f"{m}-rank{r}.json").read_text()) for m in modes for r in (0, 1)}
     assert runs["device", 0]["path"] == {"device_skip": True, "sync_free_clip": True, "scan_dropped": False, "foreach_norm": True}
     assert runs["dropped", 0]["path"] == {"device_skip": False, "sync_free_clip": False, "scan_dropped": True, "foreach_norm": True}
     assert runs["kept", 0]["path"] == {"device_skip": False, "sync_free_clip": False, "scan_dropped": False, "foreach_norm": False}
@@ -527,16 +536,6 @@ FUSED_HOST_READS = {"packing.py:_image_slots:nonzero", "packing.py:_image_slots:
 
 # transformers' SDPA mask builder (llama, qwen, ...) reads the padding mask back to choose `is_causal`; MPT's does not
 SDPA_MASK_READ = "masking_utils.py:_ignore_causal_mask_sdpa:__bool__"
-
-
-SYNC_KINDS = ["deepspeed:bf16:mpt", "ddp:bf16:mpt", "ddp:fp32:mpt", "deepspeed:bf16", "deepspeed:bf16:mpt:fused", "deepspeed:bf16:fused"]
-
-
-@pytest.fixture(scope="module")
-def sync_runs(tiny_tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sync")
-    torchrun_driver("engines_sync_driver.py", tiny_tokenizer_dir, out, SYNC_KINDS)
-    return out
 
 
 @pytest.mark.parametrize("kind", SYNC_KINDS)

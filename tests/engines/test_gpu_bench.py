@@ -19,7 +19,7 @@ NEXT = ["3b_z2_fused", "traffic_3b", "traffic_9b", "3b_z2_fused_cublaslt", "3b_z
 
 
 # `next`'s variants (as gpu_bench.sh names them) in two groups of about equal time on a CPU, run side by side
-NEXT_HALVES = (["3b_z2_fused_compile", "9b_z3_ac"], ["3b_z2_fused", "traffic", "3b_z2_fused_cublaslt", "3b_z2", "9b_z2_fused", "3b_ddp"])
+NEXT_HALVES = (["3b_z2_fused_compile", "9b_z3_ac", "3b_ddp"], ["3b_z2_fused", "traffic", "3b_z2_fused_cublaslt", "3b_z2", "9b_z2_fused"])
 
 
 def _start(out: Path, budget_s: int, min_variant_s: int = 45, variants: tuple[str, ...] = ()) -> subprocess.Popen:

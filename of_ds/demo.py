@@ -318,8 +318,8 @@ def write_photos(out: Path, photos: dict[str, np.ndarray]) -> None:
 # ------------------------------------------------------------------------------------------------------- all
 def make_demo_data(out: str | Path) -> Path:
     """(Re)generate the whole demo directory; `DONE` is written last. The caller's random states (torch, numpy,
-    Python) and torch's thread count are left as they were: launch/train.py generates the data on a first run just before it builds the
-    model, whose init must not depend on whether this run was the one that generated it."""
+    Python) and torch's thread count are left as they were: launch/train.py generates the data on a first run just
+    before it builds the model, whose init must not depend on whether this run was the one that generated it."""
     import torch
 
     state, threads = (random.getstate(), np.random.get_state()), torch.get_num_threads()

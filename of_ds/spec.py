@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,7 +27,20 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)  # a spec is read-only: changes are copies (model_copy)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a spec is read-only: changes are copies (`updated`)
+
+    def updated(self, changes: Mapping[str, Any]):
+        """A copy with `changes` made, a dotted key reaching into nested sections, each copied on the way:
+        `spec.updated({"checkpoint.resume_from": None, "run.seed": 1})`. Like `model_copy`, it does not validate."""
+        direct, nested = {}, {}
+        for key, value in changes.items():
+            head, _, rest = key.partition(".")
+            if rest:
+                nested.setdefault(head, {})[rest] = value
+            else:
+                direct[head] = value
+        direct |= {head: getattr(self, head).updated(sub) for head, sub in nested.items()}
+        return self.model_copy(update=direct)
 
 
 # ----------------------------------------------------------------------------------------------------------- model

@@ -229,3 +229,12 @@ def test_every_original_flag_targets_an_existing_field(flag):
     assert fields and target.startswith(fields[0]), f"{flag}: {target!r} does not start with a dotted field"
     for field in fields:
         assert _resolve(field), f"{flag} -> {field}: no such field in RunSpec"
+
+
+def test_updated_copies_each_section_it_reaches_into():
+    """`updated`: dotted keys change nested sections, each copied; the original spec is untouched (it is read-only)."""
+    spec = RunSpec.from_yaml(REPO / "launch/specs/demo.yaml")
+    new = spec.updated({"checkpoint.resume_from": "x", "run.seed": 7, "model.lm.config": {"model_type": "llama"}})
+    assert (new.checkpoint.resume_from, new.run.seed, new.model.lm.config) == ("x", 7, {"model_type": "llama"})
+    assert (spec.checkpoint.resume_from, spec.run.seed, spec.model.lm.config) == (None, 42, None)
+    assert new.data is spec.data and new.model.vision is spec.model.vision  # what no key reaches is shared, not copied

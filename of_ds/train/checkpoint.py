@@ -86,6 +86,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
 
 
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete step folder of a run dir, or None."""
+    found = complete_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A complete step folder, or the newest complete one under a run dir or its checkpoints dir."""
     path = Path(path)
@@ -166,8 +172,7 @@ class CheckpointManager:
         return step != self.last_saved and (step % self.every_n_steps == 0 or step >= total_steps)
 
     def latest(self) -> Optional[Path]:
-        found = complete_checkpoints(self.root)
-        return found[-1] if found else None
+        return latest_checkpoint(self.root.parent)
 
     def save(self, engine, state: TrainState, spec: RunSpec, rank_state: dict, val_loss: Optional[float] = None) -> Path:
         """Collective: every rank calls it at the same step. `val_loss`: this step's validation loss, if evaluated."""

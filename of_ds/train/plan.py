@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 from ..spec import RunSpec
 from . import resume_policy
-from .checkpoint import UNIVERSAL, complete_checkpoints, find_checkpoint, needs_universal
+from .checkpoint import UNIVERSAL, find_checkpoint, latest_checkpoint, needs_universal
 from .untrusted import check_checkpoint_dir
 
 StartKind = Literal["fresh", "weights_only", "full", "universal"]
@@ -135,12 +135,6 @@ def total_optimizer_steps(spec: RunSpec, micro_steps: int) -> int:
     return min(steps, spec.run.max_steps) if spec.run.max_steps else steps
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete step folder of a run dir, or None."""
-    found = complete_checkpoints(Path(run_dir) / "checkpoints")
-    return found[-1] if found else None
-
-
 def prefer_own_checkpoint(spec: RunSpec) -> tuple[RunSpec, Optional[str]]:
     """With `resume: auto`, this run's own newest checkpoint wins over a `checkpoint.resume_from` outside the run
     dir (another run's step, an original `checkpoint.pt`, weights only or not): the same command started again (a
@@ -155,8 +149,7 @@ def prefer_own_checkpoint(spec: RunSpec) -> tuple[RunSpec, Optional[str]]:
         return spec, None
     note = (f"[of_ds] checkpoint.resume_from={src} is not read: the run dir holds this run's own checkpoint {own.name}, "
             f"which continues it (checkpoint.resume=never with checkpoint.on_existing starts over)")
-    update = {"resume_from": None, "load_weights_only": False}
-    return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update=update)}), note
+    return spec.updated({"checkpoint.resume_from": None, "checkpoint.load_weights_only": False}), note
 
 
 def find_resume_point(spec: RunSpec) -> Optional[Path]:

@@ -1,8 +1,11 @@
-"""A tiny spec and a deterministic stand-in for `TrainData` (same protocol), for engine tests without shards."""
+"""A tiny spec, a deterministic stand-in for `TrainData` (same protocol) and a stand-in step folder, for engine and
+start-up tests without shards or a trained run."""
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 
@@ -107,3 +110,15 @@ def shutdown_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def checkpoint_of(spec, step: int = 4, world_size: int = 1) -> Path:
+    """A complete step folder in `spec`'s run dir as a save leaves it, as far as the start-up reads it: spec.yaml,
+    meta.json (the spec's engine and ZeRO stage, `world_size` ranks) and COMPLETE; no weights."""
+    path = spec.run.run_dir / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "spec.yaml").write_text(spec.to_yaml())
+    e = spec.engine
+    (path / "meta.json").write_text(json.dumps({"engine": e.kind, "zero_stage": e.zero_stage, "world_size": world_size, "step": step}))
+    (path / "COMPLETE").write_text(f"{step}\n")
+    return path

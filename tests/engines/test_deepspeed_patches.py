@@ -132,6 +132,6 @@ def test_applied_patches_are_recorded_in_meta_json(tmp_path):
                              save=lambda path, client_state: None)
     path = CheckpointManager(tmp_path, 2, 1, runtime).save(engine, TrainState(step=1), spec, {"data": {}})
     assert json.loads((path / "meta.json").read_text())["deepspeed_patches"] == ["foreach_grad_norm"]
-    ddp = spec.model_copy(update={"engine": spec.engine.model_copy(update={"kind": "ddp"})})
+    ddp = spec.updated({"engine.kind": "ddp"})
     path = CheckpointManager(tmp_path, 2, 1, runtime).save(engine, TrainState(step=2), ddp, {"data": {}})
     assert "deepspeed_patches" not in json.loads((path / "meta.json").read_text())

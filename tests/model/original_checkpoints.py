@@ -38,9 +38,9 @@ LR, WD = 1e-2, 0.1
 def model_spec(tokenizer_dir: str, family: str, **overrides) -> ModelSpec:
     base, extra = FAMILIES[family]
     spec = tiny_spec(tokenizer_dir, base, every_n_layers=2, **overrides)
-    lm = spec.lm.model_copy(update={"config": {**lm_config(tokenizer_dir, base), **extra}})
     # the original's fixed sizes
-    return spec.model_copy(update={"lm": lm, "perceiver": PerceiverSpec(), "cross_attn": CrossAttnSpec(every_n_layers=2)})
+    return spec.updated({"lm.config": {**lm_config(tokenizer_dir, base), **extra}, "perceiver": PerceiverSpec(),
+                         "cross_attn": CrossAttnSpec(every_n_layers=2)})
 
 
 def build_ours(spec: ModelSpec, seed: int = 0):

@@ -69,10 +69,10 @@ def test_discovery_failure_names_the_spec_field(tiny_tokenizer_dir):
         find_decoder_layers_path(lm, "transformer.nope")
     assert find_decoder_layers_path(lm, "transformer.h") == "transformer.h"
     spec = tiny_spec(tiny_tokenizer_dir, "llama")
-    spec = spec.model_copy(update={"lm": spec.lm.model_copy(update={"config": dict(model_type="bloom", vocab_size=400, hidden_size=32, n_layer=2, n_head=4)})})
+    spec = spec.updated({"lm.config": dict(model_type="bloom", vocab_size=400, hidden_size=32, n_layer=2, n_head=4)})
     with pytest.raises(ValueError, match=r"model\.lm\.decoder_layers_attr"):
         build_flamingo(spec)
-    spec = spec.model_copy(update={"lm": spec.lm.model_copy(update={"decoder_layers_attr": "transformer.h"})})
+    spec = spec.updated({"lm.decoder_layers_attr": "transformer.h"})
     model, _, tok = build_flamingo(spec)
     ids, mask = encode(tok, ["<image>a cat"])
     assert model(torch.randn(1, 1, 3, 32, 32), ids, mask).logits.shape == (1, ids.shape[1], len(tok))
@@ -167,8 +167,8 @@ def test_vision_tokens_are_pre_ln_post(tiny_tokenizer_dir):
 def test_bad_vision_specs(tiny_tokenizer_dir):
     spec = tiny_spec(tiny_tokenizer_dir)
     with pytest.raises(ValueError, match=r"model\.vision\.config"):
-        build_flamingo(spec.model_copy(update={"vision": spec.vision.model_copy(update={"config": {"vision_cfg": {}}})}))
-    spec = spec.model_copy(update={"vision": spec.vision.model_copy(update={"config": None, "name": "no-such-model"})})
+        build_flamingo(spec.updated({"vision.config": {"vision_cfg": {}}}))
+    spec = spec.updated({"vision.config": None, "vision.name": "no-such-model"})
     with pytest.raises(ValueError, match=r"model\.vision\.name"):
         build_flamingo(spec)
 
@@ -185,14 +185,13 @@ def test_local_lm_path_and_vision_checkpoint(tiny_tokenizer_dir, tmp_path):
     torch.save(clip.state_dict(), tmp_path / "vit.pt")
 
     spec = tiny_spec(tiny_tokenizer_dir, "llama")
-    spec = spec.model_copy(update={"lm": spec.lm.model_copy(update={"config": None, "name_or_path": str(tmp_path / "lm")}),
-                                   "vision": spec.vision.model_copy(update={"pretrained": str(tmp_path / "vit.pt")})})
+    spec = spec.updated({"lm.config": None, "lm.name_or_path": str(tmp_path / "lm"), "vision.pretrained": str(tmp_path / "vit.pt")})
     torch.manual_seed(123)  # different init: only the loaded weights can make the frozen parts equal
     loaded, _, _ = build_flamingo(spec)
     frozen = lambda m: {k: v for k, v in m.state_dict().items() if k.startswith(("vision_encoder.", "lang_encoder.")) and ".gated_cross_attn_layer." not in k}  # noqa: E731
     a, b = frozen(model), frozen(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.dtype == torch.float32 for v in b.values() if v.is_floating_point())
-    spec = spec.model_copy(update={"vision": spec.vision.model_copy(update={"pretrained": str(tmp_path / "missing.pt")})})
+    spec = spec.updated({"vision.pretrained": str(tmp_path / "missing.pt")})
     with pytest.raises(ValueError, match=r"model\.vision\.pretrained"):
         build_flamingo(spec)

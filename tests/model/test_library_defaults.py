@@ -67,6 +67,6 @@ def test_an_mpt_spec_with_qk_layernorm_fails_at_build(tiny_tokenizer_dir):
     from .conftest import tiny_spec
 
     spec = tiny_spec(tiny_tokenizer_dir, "mpt")
-    spec = spec.model_copy(update={"lm": spec.lm.model_copy(update={"config": {**spec.lm.config, "attn_config": {"qk_ln": True}}})})
+    spec = spec.updated({"lm.config": {**spec.lm.config, "attn_config": {"qk_ln": True}}})
     with pytest.raises(ValueError, match=r"model\.lm: .*qk_ln"):
         build_flamingo(spec)

@@ -102,7 +102,7 @@ def test_a_flamingo_with_a_quick_gelu_tower_encodes_as_open_clip_does(tiny_token
     from of_ds.model import build_flamingo
 
     spec = tiny_spec(tiny_tokenizer_dir, "llama")
-    spec = spec.model_copy(update={"vision": spec.vision.model_copy(update={"quick_gelu": True})})
+    spec = spec.updated({"vision.quick_gelu": True})
     model, _, _ = build_flamingo(spec)
     assert activations(model.vision_encoder) == [torch.nn.SiLU]
     plain = unfolded_tower("qg-vit-plain", {**TINY_VIT, "quick_gelu": True})

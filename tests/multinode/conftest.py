@@ -56,7 +56,8 @@ def _require(ok: bool, why: str) -> None:
     pytest.skip(f"multinode tests need {why}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on loopback now (for a rendezvous or a server about to bind it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -129,7 +130,7 @@ def loopback_cluster(tmp_path_factory) -> LoopbackCluster:
     _keygen(host_key)
     _keygen(client_key)
     (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
-    port = _free_port()
+    port = free_port()
     log = base / "sshd.log"
     config = base / "sshd_config"
     config.write_text(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conftest import REPO, LoopbackCluster
+from .conftest import REPO, LoopbackCluster, free_port
 
 
 def deepspeed_cmd(cluster: LoopbackCluster | None, master_port: int, script: Path, args: list[str]) -> list[str]:
@@ -106,13 +105,10 @@ def run_slurm(data_dir: Path, out: Path, max_steps: int = 2) -> SlurmRun:
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (shims / name).write_text(text.format(nodes=" ".join(SLURM_NODES)))
         (shims / name).chmod((shims / name).stat().st_mode | stat.S_IEXEC)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(
         os.environ, PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="42",
-        SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1", MASTER_PORT=str(port),
+        SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
         HOSTFILE=str(out / "hostfile"),
     )
     args = [str(REPO / "launch/slurm_train.sh"), "--spec", str(DEMO_SPEC)]

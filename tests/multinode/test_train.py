@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 from .launch import DEMO_SPEC, deepspeed_cmd, run_launcher, train_sets
 
 TRAIN = REPO / "launch" / "train.py"
 TINY = Path(__file__).with_name("tiny_ds_job.py")
 pytestmark = pytest.mark.slow
 LAUNCH_TIMEOUT_S = 420  # the first launch may JIT-build DeepSpeed's shm op and generate the demo data
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_args(data: Path, out: Path, max_steps: int, *extra: str) -> list[str]:
@@ -43,7 +36,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _run(cluster, data, tmp_path, name, out, max_steps, *extra, local=False, nproc=2):
-    cmd = deepspeed_cmd(None if local else cluster, _port(), TRAIN, _train_args(data, out, max_steps, *extra))
+    cmd = deepspeed_cmd(None if local else cluster, free_port(), TRAIN, _train_args(data, out, max_steps, *extra))
     if local and nproc != 2:
         cmd[cmd.index("--num_gpus") + 1] = str(nproc)
     return run_launcher(cmd, cluster.workdir, cluster.env(), LAUNCH_TIMEOUT_S, tmp_path / f"{name}.log")
@@ -115,7 +108,7 @@ def dead_rank0(loopback_cluster, tmp_path_factory):
     -> (its output dir, a future of run_launcher's (rc, output, seconds))."""
     run = tmp_path_factory.mktemp("dead_rank0") / "run"
     args = ["--out", str(run), "--steps", "200", "--die_rank", "0", "--die_at", "3", "--heartbeat_timeout", "5"]
-    cmd = deepspeed_cmd(loopback_cluster, _port(), TINY, args)
+    cmd = deepspeed_cmd(loopback_cluster, free_port(), TINY, args)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         yield run, pool.submit(run_launcher, cmd, loopback_cluster.workdir, loopback_cluster.env(), 120, run.parent / "fail.log")
 
@@ -126,7 +119,7 @@ def test_killed_rank_is_named_and_last_checkpoint_survives(loopback_cluster, dem
     out_dir = tmp_path / "kill"
     run_dir = out_dir / "demo"
     args = _train_args(demo_data_dir, out_dir, 200, "engine.heartbeat_timeout_s=5")
-    cmd = deepspeed_cmd(loopback_cluster, _port(), TRAIN, args)
+    cmd = deepspeed_cmd(loopback_cluster, free_port(), TRAIN, args)
     env = dict(loopback_cluster.env(), PYTHONPATH=str(REPO))
     log = tmp_path / "kill.log"
     with open(log, "w") as sink:

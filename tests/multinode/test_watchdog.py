@@ -12,11 +12,11 @@ import torch.distributed as dist
 
 from of_ds.watchdog import Watchdog, collective_timeout, node_address, write_rank_file
 
+from .conftest import free_port
+
 
 def _store_pair():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
     client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
     return server, client

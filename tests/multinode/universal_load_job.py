@@ -21,8 +21,8 @@ def main() -> None:
     from of_ds.train.trainer import build_trainer
 
     spec = cli.load_spec(cli.parse_args(sys.argv[5:]))
-    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"seed": spec.run.seed + 1})})  # different init: only
-    runtime = build_runtime(spec.engine)  # the checkpoint can make the weights match
+    spec = spec.updated({"run.seed": spec.run.seed + 1})  # a different init: only the checkpoint can make the weights match
+    runtime = build_runtime(spec.engine)
     plan = resolve_plan(spec, runtime.world_size, data=False, run_dir=False).with_steps(10)
     ds_config = {**plan.ds_config, "checkpoint": {"load_universal": True}}  # the converted folder this job is given
     engine = build_trainer(dataclasses.replace(plan, deepspeed_json=json.dumps(ds_config)), runtime, data=False).engine

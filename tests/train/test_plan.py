@@ -6,18 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import pydantic
 import pytest
 
+from engines_standin import checkpoint_of
 from of_ds.spec import RunSpec, SpecError
 from of_ds.train.plan import ResumePoint, resolve_plan
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "launch" / "specs" / "demo.yaml"
-sys.path.insert(0, str(REPO / "tests" / "engines"))
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +35,6 @@ def _in_demo_dir(demo_dir, monkeypatch):
 def demo(root: Path, *sets: str) -> RunSpec:
     return RunSpec.from_yaml(DEMO, [f"run.output_dir={root / 'runs'}", f"run.demo_data={root / 'demo_data'}",
                                     *[s.replace("ROOT", str(root)) for s in sets]])
-
-
-def step_dir(spec: RunSpec, step: int, *, world: int, stage: int, engine: str = "deepspeed") -> Path:
-    """A complete step folder as the checkpoint manager leaves it, as far as the plan reads it."""
-    path = spec.run.run_dir / "checkpoints" / f"step-{step:08d}"
-    path.mkdir(parents=True)
-    (path / "spec.yaml").write_text(spec.to_yaml())
-    (path / "meta.json").write_text(json.dumps({"engine": engine, "zero_stage": stage, "world_size": world, "step": step}))
-    (path / "COMPLETE").write_text(f"{step}\n")
-    return path
 
 
 def sizes(root: Path, name: str) -> int:
@@ -92,7 +81,7 @@ def test_where_a_run_starts(demo_dir, tmp_path):
     (root / "demo_data").symlink_to(demo_dir / "demo_data")
     spec = demo(root, "run.name=kinds")
     assert resolve_plan(spec, 2, data=False).resume.kind == "fresh"
-    same = step_dir(spec, 2, world=2, stage=spec.engine.zero_stage)
+    same = checkpoint_of(spec, 2, world_size=2)
     full = resolve_plan(spec, 2, data=False)
     assert (full.resume.kind, full.resume.path, full.resume.universal_dir) == ("full", same, None)
     assert full.resume.saved_spec["run"]["name"] == "kinds" and "load_universal" not in json.dumps(full.ds_config)
@@ -111,7 +100,7 @@ def test_where_a_run_starts(demo_dir, tmp_path):
 def test_a_resume_under_another_zero_family_is_refused_by_the_plan(demo_dir, tmp_path):
     (tmp_path / "demo_data").symlink_to(demo_dir / "demo_data")
     spec = demo(tmp_path, "run.name=family")
-    step_dir(demo(tmp_path, "run.name=family", "engine.zero_stage=3"), 2, world=1, stage=3)
+    checkpoint_of(demo(tmp_path, "run.name=family", "engine.zero_stage=3"), 2)
     with pytest.raises(SpecError, match=r"engine.zero_stage: 3 -> 2 \(refused"):
         resolve_plan(spec, 1, data=False)
 
@@ -147,7 +136,7 @@ def test_the_dry_run_prints_the_plan_and_where_the_run_would_start(demo_dir, tmp
 
     (tmp_path / "demo_data").symlink_to(demo_dir / "demo_data")
     spec = demo(tmp_path, "run.name=dry")
-    saved = step_dir(spec, 2, world=1, stage=spec.engine.zero_stage)
+    saved = checkpoint_of(spec, 2)
     argv = ["--spec", str(DEMO), "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", f"run.demo_data={tmp_path / 'demo_data'}",
             "--set", "run.name=dry", "--dry-run"]
     assert train_main()(argv) == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from engines_standin import checkpoint_of
 from of_ds.engines.optim import LrSchedule, build_scheduler
 from of_ds.runtime import Runtime
 from of_ds.spec import OptimSpec, RunSpec, SpecError
@@ -22,17 +23,6 @@ RUNTIME = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")
 def demo(*sets: str, tmp: Path | None = None) -> RunSpec:
     out = [f"run.output_dir={tmp}"] if tmp else []
     return RunSpec.from_yaml(DEMO, [*out, *sets])
-
-
-def checkpoint_of(spec: RunSpec, step: int = 4) -> Path:
-    """A step folder as a save leaves it, as far as the plan reads it (COMPLETE, spec.yaml, meta.json)."""
-    path = spec.run.run_dir / "checkpoints" / f"step-{step:08d}"
-    path.mkdir(parents=True)
-    (path / "COMPLETE").write_text(f"{step}\n")
-    (path / "spec.yaml").write_text(spec.to_yaml())
-    e = spec.engine
-    (path / "meta.json").write_text(json.dumps({"engine": e.kind, "zero_stage": e.zero_stage, "world_size": 1, "step": step}))
-    return path
 
 
 def leaves(d: dict, prefix: str = "") -> dict:

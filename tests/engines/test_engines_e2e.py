@@ -479,22 +479,12 @@ def driver_runs(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def nan_runs(driver_runs) -> Path:
-    return driver_runs / "nan"
-
-
-@pytest.fixture(scope="module")
-def sync_runs(driver_runs) -> Path:
-    return driver_runs / "sync"
-
-
 @pytest.mark.parametrize("kind", NAN_KINDS)
-def test_nan_on_one_rank_skips_on_every_rank(nan_runs, kind):
+def test_nan_on_one_rank_skips_on_every_rank(driver_runs, kind):
     """Bug B6: a rank-local NaN must not desync ranks; both skip the same step and keep identical weights."""
     import json
 
-    r0, r1 = (json.loads((nan_runs / f"{kind.replace(':', '-')}-rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((driver_runs / "nan" / f"{kind.replace(':', '-')}-rank{r}.json").read_text()) for r in (0, 1))
     assert r0["skipped"] == r1["skipped"] == [False, True, False]
     assert r0["checksum"] == r1["checksum"]
 
@@ -539,14 +529,14 @@ SDPA_MASK_READ = "masking_utils.py:_ignore_causal_mask_sdpa:__bool__"
 
 
 @pytest.mark.parametrize("kind", SYNC_KINDS)
-def test_a_training_step_makes_no_host_sync(sync_runs, kind):
+def test_a_training_step_makes_no_host_sync(driver_runs, kind):
     """No per-step host-device sync outside log and checkpoint steps. Every tensor read a GPU would wait
     for (item, bool, float, ... on a tensor) during a plain step of train_loop, 2 ranks, is recorded by call site;
     only the reads of host-side loader tensors may remain (and, with a llama-family LM, transformers' mask read)."""
     import json
 
     for rank in (0, 1):
-        sites = json.loads((sync_runs / f"{kind.replace(':', '-')}-rank{rank}.json").read_text())
+        sites = json.loads((driver_runs / "sync" / f"{kind.replace(':', '-')}-rank{rank}.json").read_text())
         if kind.endswith(":fused"):  # one pass: the LM gets a 4D mask, so transformers' SDPA mask read goes too
             assert set(sites) <= FUSED_HOST_READS, sites
             assert sites.get("packing.py:_image_slots:nonzero", 0) == 2  # one per dataset: the recording did run

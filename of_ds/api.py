@@ -22,7 +22,7 @@ def train(spec: Union[RunSpec, str, Path], overrides: Sequence[str] = (), runtim
     if not isinstance(spec, RunSpec):
         spec = RunSpec.from_yaml(spec, list(overrides))
     elif overrides:
-        raise ValueError("overrides go with a spec path; a RunSpec is changed with model_copy")
+        raise ValueError("overrides go with a spec path; a RunSpec is changed with spec.updated({\"optim.lr\": 1e-4})")
     own = runtime is None
     runtime = runtime if runtime is not None else build_runtime(spec.engine)
     try:

@@ -1,10 +1,12 @@
 """`tools/bench_step --spec launch/specs/openflamingo-3b.yaml`: time training steps of a spec's model on random
 batches of its shapes, and print one JSON line (step time, samples/s, TFLOP/s, MFU, peak memory).
 
-Nothing is downloaded: an LM given by hub name is built randomly initialised from its release's published config
+Nothing is downloaded: the LM is built randomly initialised from its own config.json where that is on this machine
+(a local directory, as the demo's, or the HF cache), else from its release's published config
 (`of_ds.model.releases.LM_CONFIGS`: the 3B recipe's MosaicGPT with QK LayerNorm, the 4B's GPT-NeoX, the 9B's MPT;
-unknown names get the 3B recipe's), the vision tower is built unpretrained (with the activation its pretrained tag
-was trained with), and the tokenizer is a local word-level vocabulary of the releases' tokenizer size (50277).
+unknown names get the 3B recipe's); the vision tower is built unpretrained (with the activation its pretrained tag
+was trained with), and the tokenizer is a local word-level vocabulary of the LM's vocabulary size, at most the
+releases' (50277).
 `--tiny` shrinks model and batches so it runs on a CPU; `--skeleton` keeps the recipe's layer counts and batch shapes at tiny widths (with `--count-ops`: what a step
 dispatches, measurable on a CPU). `--traffic` times nothing: it counts one step's bytes and FLOPs on the meta device
 at the recipe's sizes and projects the kernel time (`of_ds.perf.traffic`).
@@ -66,7 +68,7 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path, skel
     m["vision"]["quick_gelu"] = uses_quick_gelu(spec.model.vision)
     m["vision"]["pretrained"] = None
     if m["lm"]["config"] is None:
-        config = release_lm_config(m["lm"]["name_or_path"])
+        config = bench_lm_config(m["lm"]["name_or_path"], m["lm"]["cache_dir"])
         m["lm"].update(config=config, name_or_path=None, trust_remote_code=False)
     if skeleton:
         shrink_to_skeleton(m)
@@ -81,11 +83,22 @@ def bench_spec(spec_path: str, overrides: list[str], tiny: bool, tmp: Path, skel
     return RunSpec.from_dict(data)
 
 
-def release_lm_config(name: str) -> dict:
-    """A release LM's published config (unknown names: the 3B recipe's), built in fp32 as a loaded LM is (its
-    `torch_dtype` left out); the engine casts the model to `engine.precision`."""
-    config = copy.deepcopy(LM_CONFIGS.get(name, MPT_1B))
-    config.pop("torch_dtype", None)
+def bench_lm_config(name: str, cache_dir: str | None = None) -> dict:
+    """The config the bench builds `model.lm` from, at random init: the LM's own config.json where it is on this
+    machine (a local directory, as the demo's, or the HF cache), else its release's published config (unknown
+    names: the 3B recipe's). Built in fp32 as a loaded LM is (the dtype left out); the engine casts the model to
+    `engine.precision`."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name, cache_dir=cache_dir, local_files_only=True)
+    except OSError:
+        config = copy.deepcopy(LM_CONFIGS.get(name, MPT_1B))
+        if name not in LM_CONFIGS:
+            print(f"[of_ds] model.lm.name_or_path '{name}': no config.json on this machine and not a release's LM; "
+                  f"benching the 3B recipe's LM (MPT-1B) in its place", flush=True)
+    for key in ("torch_dtype", "dtype"):
+        config.pop(key, None)
     return config
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
@@ -77,7 +76,7 @@ def published_release_stand_ins(model_spec: ModelSpec) -> tuple[LMSpec, object]:
     tokenizer is such an LM's and not available locally, a stand-in with GPT-NeoX's token count (every release's
     tokenizer) is returned, to which the Flamingo tokens are added as to the real one. The counts are the release's.
     Says so in one line. Real builds never come here: missing files fail there, naming the field."""
-    from .releases import GPT_NEOX_TOKENS, LM_CONFIGS
+    from .releases import GPT_NEOX_TOKENS, LM_CONFIGS, fp32_lm_config
 
     lm = model_spec.lm
     tok_name = model_spec.tokenizer or lm.name_or_path
@@ -88,9 +87,7 @@ def published_release_stand_ins(model_spec: ModelSpec) -> tuple[LMSpec, object]:
         return lm, None
     said = []
     if lm_missing:
-        config = copy.deepcopy(LM_CONFIGS[lm.name_or_path])
-        config.pop("torch_dtype", None)  # in fp32, as a real build loads it
-        lm = lm.model_copy(update={"config": config, "trust_remote_code": False})
+        lm = lm.model_copy(update={"config": fp32_lm_config(LM_CONFIGS[lm.name_or_path]), "trust_remote_code": False})
         said.append(f"{model_spec.lm.name_or_path}'s published config.json")
     tokenizer = None
     if tok_missing:

@@ -8,6 +8,7 @@ planned (`--dry-run`) without its files.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 GPT_NEOX_TOKENS = 50277  # EleutherAI/gpt-neox-20b's tokenizer (every release's); + 3 Flamingo tokens = 50280
@@ -56,6 +57,12 @@ LM_CONFIGS: dict[str, dict] = {
     "anas-awadalla/mpt-7b": MPT_7B,
     "mosaicml/mpt-7b": MPT_7B,
 }
+
+
+def fp32_lm_config(config: dict) -> dict:
+    """An LM config as of_ds builds it at random init: a copy in fp32, as a loaded LM is (its dtype left out); the
+    engine casts the model to `engine.precision`."""
+    return {k: copy.deepcopy(v) for k, v in config.items() if k not in ("torch_dtype", "dtype")}
 
 
 @dataclass(frozen=True)

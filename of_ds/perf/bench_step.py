@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import itertools
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.releases import GPT_NEOX_TOKENS, LM_CONFIGS, MPT_1B
+from ..model.releases import GPT_NEOX_TOKENS, LM_CONFIGS, MPT_1B, fp32_lm_config
 from ..model.vision import uses_quick_gelu
 from ..spec import RunSpec
 
@@ -93,13 +92,11 @@ def bench_lm_config(name: str, cache_dir: str | None = None) -> dict:
     try:
         config, _ = PretrainedConfig.get_config_dict(name, cache_dir=cache_dir, local_files_only=True)
     except OSError:
-        config = copy.deepcopy(LM_CONFIGS.get(name, MPT_1B))
+        config = LM_CONFIGS.get(name, MPT_1B)
         if name not in LM_CONFIGS:
             print(f"[of_ds] model.lm.name_or_path '{name}': no config.json on this machine and not a release's LM; "
                   f"benching the 3B recipe's LM (MPT-1B) in its place", flush=True)
-    for key in ("torch_dtype", "dtype"):
-        config.pop(key, None)
-    return config
+    return fp32_lm_config(config)
 
 
 def shrink_to_skeleton(m: dict) -> None:

@@ -164,7 +164,8 @@ def convert_to_universal(path: Path, out: Path, runtime: Runtime) -> Path:
 
 class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int, every_n_steps: int, runtime: Runtime, keep_best: bool = False):
-        self.root = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
         self.keep_last, self.every_n_steps, self.runtime, self.keep_best = keep_last, every_n_steps, runtime, keep_best
         self.last_saved: Optional[int] = None
 
@@ -172,7 +173,7 @@ class CheckpointManager:
         return step != self.last_saved and (step % self.every_n_steps == 0 or step >= total_steps)
 
     def latest(self) -> Optional[Path]:
-        return latest_checkpoint(self.root.parent)
+        return latest_checkpoint(self.run_dir)
 
     def save(self, engine, state: TrainState, spec: RunSpec, rank_state: dict, val_loss: Optional[float] = None) -> Path:
         """Collective: every rank calls it at the same step. `val_loss`: this step's validation loss, if evaluated."""
@@ -207,7 +208,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         # a universal conversion served one resume at a new world size; this run now has its own checkpoint
-        shutil.rmtree(self.root.parent / UNIVERSAL, ignore_errors=True)
+        shutil.rmtree(self.run_dir / UNIVERSAL, ignore_errors=True)
         complete = complete_checkpoints(self.root)
         best = self.best(complete) if self.keep_best else None
         if best is not None:

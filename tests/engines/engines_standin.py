@@ -115,10 +115,12 @@ def shutdown_process_group() -> None:
 def checkpoint_of(spec, step: int = 4, world_size: int = 1) -> Path:
     """A complete step folder in `spec`'s run dir as a save leaves it, as far as the start-up reads it: spec.yaml,
     meta.json (the spec's engine and ZeRO stage, `world_size` ranks) and COMPLETE; no weights."""
-    path = spec.run.run_dir / "checkpoints" / f"step-{step:08d}"
+    from of_ds.train.checkpoint import COMPLETE, step_dir_name
+
+    path = spec.run.run_dir / "checkpoints" / step_dir_name(step)
     path.mkdir(parents=True)
     (path / "spec.yaml").write_text(spec.to_yaml())
     e = spec.engine
     (path / "meta.json").write_text(json.dumps({"engine": e.kind, "zero_stage": e.zero_stage, "world_size": world_size, "step": step}))
-    (path / "COMPLETE").write_text(f"{step}\n")
+    (path / COMPLETE).write_text(f"{step}\n")
     return path
